@@ -1,0 +1,19 @@
+"""ivshmem_bus: a virtio-msg bus over QEMU's ivshmem PCI device.
+
+This module only re-exports. Reading order: ``cli`` -> ``bus`` -> ``device`` -> ``queue`` and
+``protocol`` (the sans-I/O core, which imports nothing from the I/O edge).
+"""
+
+from .errors import IvshmemBusError, ProtocolError, QueueCorrupt
+from .queue import SLOT_SIZE, SpscQueue
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SLOT_SIZE",
+    "IvshmemBusError",
+    "ProtocolError",
+    "QueueCorrupt",
+    "SpscQueue",
+    "__version__",
+]
