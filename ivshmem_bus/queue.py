@@ -1,0 +1,425 @@
+"""The single-producer / single-consumer ring that virtio-msg uses in ivshmem shared memory.
+
+Sans-I/O: a queue sees a writable buffer (a memoryview of an mmap'd BAR2, a bytearray in a
+test) and nothing else. No mmap, no fds, no doorbells: ringing the peer is the bus's job.
+
+Layout (wire-format spec section 3, identical to QEMU's ``spsc_queue.h``)::
+
+    0x00        u32 head   next slot the producer writes (a slot number, not free-running)
+    0x04..0x3f  padding    (head has a 64-byte line of its own)
+    0x40        u32 tail   next slot the consumer reads
+    0x44..0x7f  padding
+    0x80 + 64*i slot i     i in 0 .. capacity-1, capacity = (len - 128) // 64
+
+next(i) = i + 1, or 0 at capacity. Empty: head == tail. Full: next(head) == tail, so at most
+capacity - 1 slots are in flight. (QEMU computes capacity as (len - 192) // 64 + 1; for every
+len >= 192 that is the same number.)
+
+Theory of operation
+-------------------
+Rule 1: the producer owns head, the consumer owns tail. Each side keeps its *own* index in a
+private attribute and is the only one that stores it; it never reads it back from shared
+memory, so a peer that scribbles on our index cannot steer where we write.
+
+Rule 2: the peer's index is untrusted input. It is read in exactly one method per index
+(``_load_head`` / ``_load_tail``), which raises ``QueueCorrupt`` for any value >= capacity
+before anything is indexed with it. As QEMU does, each side caches the peer's index and
+re-reads it only when the cache says full (producer) or empty (consumer).
+
+Rule 3: every index load and store is ONE aligned 32-bit access, through a
+``memoryview.cast("I")`` view. ``struct.pack_into``, slice assignment and cffi ABI-mode stores
+issue two stores (measured with watchpoints: ../shared/spec/vfio-notes.md); a consumer that
+saw half a store would read a torn index.
+
+Rule 4: ordering. The producer copies the slot, then publishes head (store-release); the
+consumer loads head (load-acquire), copies the slot out, then publishes tail (store-release).
+On x86-64 (TSO) plain loads and stores already have these semantics, and CPython performs the
+slot copy and the index store in separate C calls the compiler cannot merge or reorder. On
+weakly ordered CPUs (aarch64) a fence is needed: pass ``fence=`` (the compiled helper's full
+barrier, see ``ivshmem_bus._ffi``); without one the queue logs a warning once.
+
+Bytes written: ``put`` writes exactly ``len(data)`` bytes of the slot, like QEMU's memcpy of
+the message (44 or 48 bytes); the rest of the slot keeps whatever it held.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import platform
+import sys
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from .errors import QueueCorrupt
+
+__all__ = [
+    "HEAD_OFFSET",
+    "QUEUE_HEADER_SIZE",
+    "SLOT_SIZE",
+    "TAIL_OFFSET",
+    "SpscQueue",
+    "queue_capacity",
+]
+
+log = logging.getLogger(__name__)
+
+SLOT_SIZE = 64
+HEAD_OFFSET = 0x00
+TAIL_OFFSET = 0x40
+QUEUE_HEADER_SIZE = 0x80  # head line + tail line; slot 0 starts here
+_HEAD_WORD = HEAD_OFFSET // 4
+_TAIL_WORD = TAIL_OFFSET // 4
+
+# CPUs whose plain loads/stores already give acquire/release ordering (total store order).
+_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+_warned_no_fence = False
+
+T = TypeVar("T")
+
+
+def queue_capacity(region_size: int) -> int:
+    """Number of slots a region of ``region_size`` bytes holds (may be < 2: then invalid)."""
+    return max(0, (region_size - QUEUE_HEADER_SIZE) // SLOT_SIZE)
+
+
+def _address_of(view: memoryview) -> int:
+    """Address of a writable buffer's first byte (used only to check alignment)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class SpscQueue:
+    """One SPSC ring over a writable buffer; one object per end (or one for both in tests).
+
+    Args:
+        region: the queue's bytes: a writable, C-contiguous buffer (memoryview of an mmap,
+            bytearray). Its start must be 4-byte aligned so each index is one aligned word.
+        fence: a full memory barrier to call between a slot copy and an index store (and
+            between an index load and a slot copy). Not needed on x86-64.
+
+    Raises:
+        ValueError: the region is read-only, not contiguous, misaligned, or too small for
+            2 slots; or the host is big-endian (the indexes are little-endian words).
+        QueueCorrupt: an index found in the region at construction is out of range.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_cached_head",
+        "_cached_tail",
+        "_capacity",
+        "_fence",
+        "_head",
+        "_idx",
+        "_tail",
+    )
+
+    def __init__(self, region: memoryview | bytearray, *, fence: Callable[[], None] | None = None):
+        view = memoryview(region)
+        if view.readonly:
+            raise ValueError("queue region is read-only: map shared memory PROT_READ|PROT_WRITE")
+        if not view.c_contiguous:
+            raise ValueError("queue region must be a C-contiguous buffer")
+        view = view.cast("B")
+        capacity = queue_capacity(len(view))
+        if capacity < 2:
+            raise ValueError(
+                f"queue region of {len(view)} bytes holds {capacity} slot(s); at least 2 are "
+                f"needed ({QUEUE_HEADER_SIZE + 2 * SLOT_SIZE} bytes)"
+            )
+        if sys.byteorder != "little":
+            raise ValueError("queue indexes are little-endian words: big-endian hosts unsupported")
+        address = _address_of(view)
+        if address % 4:
+            raise ValueError(f"queue region starts at 0x{address:x}: not 4-byte aligned")
+        if fence is None:
+            _warn_if_fence_needed()
+        self._buf = view
+        self._idx = view[:QUEUE_HEADER_SIZE].cast("I")
+        self._capacity = capacity
+        self._fence = fence
+        # Pick up where an existing queue left off (QEMU's spsc_open_mem does the same).
+        self._head = self._cached_head = self._load_head()
+        self._tail = self._cached_tail = self._load_tail()
+
+    # Shared-index access: the only code that touches the index words --------------------
+
+    def _load_head(self) -> int:
+        head = self._idx[_HEAD_WORD]  # one aligned 32-bit load
+        if head >= self._capacity:
+            raise QueueCorrupt("head", head, self._capacity)
+        return head
+
+    def _load_tail(self) -> int:
+        tail = self._idx[_TAIL_WORD]  # one aligned 32-bit load
+        if tail >= self._capacity:
+            raise QueueCorrupt("tail", tail, self._capacity)
+        return tail
+
+    def _publish_head(self, head: int) -> None:
+        if self._fence is not None:
+            self._fence()  # slot bytes visible before head (release)
+        self._idx[_HEAD_WORD] = head  # one aligned 32-bit store
+        self._head = head
+
+    def _publish_tail(self, tail: int) -> None:
+        if self._fence is not None:
+            self._fence()  # slot copied out before tail is given back (release)
+        self._idx[_TAIL_WORD] = tail  # one aligned 32-bit store
+        self._tail = tail
+
+    def _refresh_head(self) -> int:
+        head = self._cached_head = self._load_head()
+        if self._fence is not None:
+            self._fence()  # head read before the slot (acquire)
+        return head
+
+    # Producer -------------------------------------------------------------------------------
+
+    def put(self, data: bytes | bytearray | memoryview) -> bool:
+        """Copy ``data`` into the next slot and publish it.
+
+        Args:
+            data: at most 64 bytes; exactly ``len(data)`` bytes of the slot are written.
+
+        Returns:
+            True when enqueued, False when the queue is full (nothing written).
+
+        Raises:
+            ValueError: ``data`` is longer than a slot.
+            QueueCorrupt: the peer's tail index is out of range.
+        """
+        size = len(data)
+        if size > SLOT_SIZE:
+            raise ValueError(f"{size} bytes do not fit a {SLOT_SIZE}-byte slot")
+        head = self._head
+        nxt = head + 1
+        if nxt == self._capacity:
+            nxt = 0
+        if nxt == self._cached_tail:
+            self._cached_tail = self._load_tail()
+            if nxt == self._cached_tail:
+                return False
+        off = QUEUE_HEADER_SIZE + head * SLOT_SIZE
+        self._buf[off : off + size] = data
+        self._publish_head(nxt)
+        return True
+
+    def put_many(self, items: Iterable[bytes | bytearray | memoryview]) -> int:
+        """Enqueue items in order until the queue is full; publish head once at the end.
+
+        Returns:
+            How many items were enqueued (a prefix of ``items``; the rest were not consumed
+            from a list, but an iterator has lost the first item that did not fit).
+
+        Raises:
+            ValueError: an item is longer than a slot (items before it are still published).
+            QueueCorrupt: the peer's tail index is out of range.
+        """
+        buf, cap = self._buf, self._capacity
+        head = start = self._head
+        count = 0
+        try:
+            for data in items:
+                size = len(data)
+                if size > SLOT_SIZE:
+                    raise ValueError(f"{size} bytes do not fit a {SLOT_SIZE}-byte slot")
+                nxt = head + 1
+                if nxt == cap:
+                    nxt = 0
+                if nxt == self._cached_tail:
+                    self._cached_tail = self._load_tail()
+                    if nxt == self._cached_tail:
+                        break
+                off = QUEUE_HEADER_SIZE + head * SLOT_SIZE
+                buf[off : off + size] = data
+                head = nxt
+                count += 1
+        finally:
+            if head != start:
+                self._publish_head(head)
+        return count
+
+    # Consumer -------------------------------------------------------------------------------
+
+    def _next_filled(self) -> int | None:
+        """Slot offset of the next message, or None when empty (re-reads head only then)."""
+        tail = self._tail
+        if tail == self._cached_head and tail == self._refresh_head():
+            return None
+        return QUEUE_HEADER_SIZE + tail * SLOT_SIZE
+
+    def _advance(self) -> None:
+        nxt = self._tail + 1
+        if nxt == self._capacity:
+            nxt = 0
+        self._publish_tail(nxt)
+
+    def get(self, size: int = SLOT_SIZE) -> bytes | None:
+        """Copy the next slot out and give it back to the producer.
+
+        Args:
+            size: how many bytes of the slot to copy (1..64).
+
+        Returns:
+            The slot's first ``size`` bytes, or None when the queue is empty.
+
+        Raises:
+            QueueCorrupt: the peer's head index is out of range.
+        """
+        if not 0 < size <= SLOT_SIZE:
+            raise ValueError(f"size must be 1..{SLOT_SIZE}, not {size}")
+        off = self._next_filled()
+        if off is None:
+            return None
+        data = bytes(self._buf[off : off + size])
+        self._advance()
+        return data
+
+    def peek(self) -> memoryview | None:
+        """Zero-copy view of the next slot (64 bytes) without consuming it, or None if empty.
+
+        The view aliases shared memory the peer may rewrite once the slot is given back:
+        use it, then call ``advance()``, and do not keep it.
+        """
+        off = self._next_filled()
+        if off is None:
+            return None
+        return self._buf[off : off + SLOT_SIZE]
+
+    def advance(self) -> None:
+        """Give back the slot last returned by ``peek()``.
+
+        Raises:
+            RuntimeError: the queue is empty (there is no peeked slot to give back).
+        """
+        if self._next_filled() is None:
+            raise RuntimeError("advance() on an empty queue: peek() returned None")
+        self._advance()
+
+    def consume(self, fn: Callable[[memoryview], T]) -> tuple[bool, T | None]:
+        """Hand the next slot to ``fn`` as a 64-byte view, then give the slot back.
+
+        The slot is given back even when ``fn`` raises (a poison message must not be
+        delivered forever); the exception propagates.
+
+        Returns:
+            ``(True, fn's result)``, or ``(False, None)`` when the queue is empty.
+        """
+        off = self._next_filled()
+        if off is None:
+            return False, None
+        try:
+            return True, fn(self._buf[off : off + SLOT_SIZE])
+        finally:
+            self._advance()
+
+    def drain(self, fn: Callable[[memoryview], object], limit: int | None = None) -> int:
+        """Hand every available slot (at most ``limit``) to ``fn``; publish tail once.
+
+        Returns:
+            How many slots were consumed. When ``fn`` raises, the slots handed out so far,
+            the raising one included, are given back and the exception propagates.
+        """
+        buf, cap = self._buf, self._capacity
+        tail = start = self._tail
+        head = self._cached_head
+        refreshed = False
+        count = 0
+        try:
+            while limit is None or count < limit:
+                if tail == head:
+                    # The cache is used up: look at the shared head once per call, so a
+                    # drain takes everything published before it started, and ends.
+                    if refreshed:
+                        break
+                    head = self._refresh_head()
+                    refreshed = True
+                    if tail == head:
+                        break
+                off = QUEUE_HEADER_SIZE + tail * SLOT_SIZE
+                tail += 1
+                if tail == cap:
+                    tail = 0
+                count += 1
+                fn(buf[off : off + SLOT_SIZE])
+        finally:
+            if tail != start:
+                self._publish_tail(tail)
+        return count
+
+    def get_many(self, limit: int | None = None, size: int = SLOT_SIZE) -> list[bytes]:
+        """Copy out every available slot (at most ``limit``), oldest first; publish tail once."""
+        if not 0 < size <= SLOT_SIZE:
+            raise ValueError(f"size must be 1..{SLOT_SIZE}, not {size}")
+        out: list[bytes] = []
+        append = out.append
+        self.drain(lambda view: append(bytes(view[:size])), limit)
+        return out
+
+    # Both ends ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Slots in flight, from both indexes as they are in shared memory now."""
+        head, tail = self._load_head(), self._load_tail()
+        return (head - tail) % self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots; at most ``capacity - 1`` messages are in flight."""
+        return self._capacity
+
+    @property
+    def region_size(self) -> int:
+        """Size of the region the queue covers, in bytes."""
+        return len(self._buf)
+
+    def reset(self) -> None:
+        """Empty the queue: zero both indexes (one store each), then every slot.
+
+        Only the side that owns reset calls this, before the peer uses the queue (the
+        "reset-queues" option): a reset under a live peer loses what was in flight.
+        """
+        self._idx[_HEAD_WORD] = 0
+        self._idx[_TAIL_WORD] = 0
+        self._buf[QUEUE_HEADER_SIZE:] = bytes(len(self._buf) - QUEUE_HEADER_SIZE)
+        self._head = self._tail = self._cached_head = self._cached_tail = 0
+
+    def resync(self) -> None:
+        """Re-read both indexes from shared memory (after the peer reset the queue).
+
+        Raises:
+            QueueCorrupt: an index is out of range.
+        """
+        self._head = self._cached_head = self._load_head()
+        self._tail = self._cached_tail = self._load_tail()
+
+    def release(self) -> None:
+        """Drop the queue's views of the region, so the owner can close its mmap.
+
+        An ``mmap`` cannot be closed while a memoryview of it exists (BufferError). After
+        ``release()`` any other call raises ValueError. Idempotent.
+        """
+        self._idx.release()
+        self._buf.release()
+
+    def __enter__(self) -> SpscQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"SpscQueue(capacity={self._capacity}, head={self._head}, tail={self._tail})"
+
+
+def _warn_if_fence_needed() -> None:
+    global _warned_no_fence
+    if _warned_no_fence or platform.machine().lower() in _TSO_MACHINES:
+        return
+    _warned_no_fence = True
+    log.warning(
+        "SpscQueue on %s without a memory fence: slot/index ordering is not guaranteed on "
+        "this CPU; build the compiled helper (a C compiler at pip install) and pass its fence",
+        platform.machine(),
+    )
