@@ -1,0 +1,474 @@
+"""virtio-msg encode/decode, sans-I/O, for the two profiles of the wire-format spec.
+
+``"qemu-v0"`` (section 4, the default): what QEMU's virtio-msg-bus-ivshmem speaks. Header of
+6 bytes (type u8, msg_id u8, dev_num u16, msg_size u16), 38-byte payload, every message 44
+bytes. One request outstanding; a response is matched by msg_id.
+
+``"spec-v1"`` (section 5): the draft virtio-msg transport. Header of 8 bytes (type, msg_id,
+dev_num, token u16, msg_size), 40-byte payload, 48-byte messages, matched by token.
+
+The codec is data: ``_LAYOUTS[profile][(type, msg_id)]`` says which class a wire type is and
+how its payload is laid out (an ``struct`` format at payload offset 0 plus, for a few
+messages, a variable tail). There is no if-chain per message.
+
+Invariant (what the fuzz tests check): for ANY bytes, ``decode`` returns a message or raises
+``ProtocolError``; it never raises anything else and never reads past the buffer or past
+the message's own msg_size. Bad arguments to ``encode`` raise ``ValueError``/``TypeError``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+from . import messages as m
+from .errors import ProtocolError
+from .messages import (  # re-exported: protocol.GetFeatures etc.
+    BusEventDevice,
+    BusGetDevices,
+    BusGetDevicesResponse,
+    BusPing,
+    BusPingResponse,
+    DeviceInfo,
+    DeviceInfoResponse,
+    EventAvail,
+    EventConfig,
+    EventUsed,
+    GetConfig,
+    GetConfigResponse,
+    GetDeviceStatus,
+    GetDeviceStatusResponse,
+    GetFeatures,
+    GetFeaturesResponse,
+    GetShm,
+    GetShmResponse,
+    GetVqueue,
+    GetVqueueResponse,
+    IommuEnable,
+    IommuTranslate,
+    IommuTranslateResponse,
+    Message,
+    ResetVqueue,
+    ResetVqueueResponse,
+    SetConfig,
+    SetConfigResponse,
+    SetDeviceStatus,
+    SetDeviceStatusResponse,
+    SetFeatures,
+    SetFeaturesResponse,
+    SetVqueue,
+    SetVqueueResponse,
+    UnknownMessage,
+)
+
+__all__ = [
+    "HEADER_SIZE",
+    "MESSAGE_SIZE",
+    "PROFILES",
+    "BusEventDevice",
+    "BusGetDevices",
+    "BusGetDevicesResponse",
+    "BusPing",
+    "BusPingResponse",
+    "DeviceInfo",
+    "DeviceInfoResponse",
+    "EventAvail",
+    "EventConfig",
+    "EventUsed",
+    "GetConfig",
+    "GetConfigResponse",
+    "GetDeviceStatus",
+    "GetDeviceStatusResponse",
+    "GetFeatures",
+    "GetFeaturesResponse",
+    "GetShm",
+    "GetShmResponse",
+    "GetVqueue",
+    "GetVqueueResponse",
+    "IommuEnable",
+    "IommuTranslate",
+    "IommuTranslateResponse",
+    "Message",
+    "ResetVqueue",
+    "ResetVqueueResponse",
+    "SetConfig",
+    "SetConfigResponse",
+    "SetDeviceStatus",
+    "SetDeviceStatusResponse",
+    "SetFeatures",
+    "SetFeaturesResponse",
+    "SetVqueue",
+    "SetVqueueResponse",
+    "UnknownMessage",
+    "decode",
+    "encode",
+    "expects_response",
+    "is_response",
+    "response_class",
+    "response_matches",
+]
+
+PROFILES: Final = ("qemu-v0", "spec-v1")
+HEADER_SIZE: Final = {"qemu-v0": 6, "spec-v1": 8}
+MESSAGE_SIZE: Final = {"qemu-v0": 44, "spec-v1": 48}
+_HEADER = {"qemu-v0": struct.Struct("<BBHH"), "spec-v1": struct.Struct("<BBHHH")}
+_RESERVED_TYPE_BITS = 0xFF & ~(m.TYPE_RESPONSE | m.TYPE_BUS)
+
+
+# --- Variable tails ----------------------------------------------------------------------------
+# A tail follows the fixed struct. It gets the fields decoded so far and the remaining payload
+# bytes, and must check every length against what is really there.
+
+
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """How a variable (or zero-padded) part after the fixed fields is carried."""
+
+    field: str  # the message field it fills
+    count: str  # the field that says how long it is
+    unit: int  # bytes per count (4 for feature blocks, 1 for bytes)
+    limit: int  # the largest count the payload can hold
+    padded: int = 0  # > 0: a fixed-size field of this many bytes (qemu-v0 config fields)
+    bitmap: bool = False  # count is in bits, rounded up to bytes
+
+
+def _tail_len(tail: _Tail, count: int) -> int:
+    return (count + 7) // 8 if tail.bitmap else count * tail.unit
+
+
+def _pack_tail(tail: _Tail, msg: Message, profile: str) -> bytes:
+    count = getattr(msg, tail.count)
+    value = getattr(msg, tail.field)
+    name = type(msg).__name__
+    if count > tail.limit:
+        raise ValueError(
+            f"{name}.{tail.count}={count} exceeds {tail.limit}, the most {profile} carries"
+        )
+    if tail.unit == 4:  # feature blocks: an int split into `count` little-endian u32s
+        if value >> (32 * count):
+            raise ValueError(f"{name}.features has bits beyond {count} 32-bit block(s)")
+        return value.to_bytes(4 * count, "little")
+    return value.ljust(tail.padded, b"\0") if tail.padded else value
+
+
+def _unpack_tail(tail: _Tail, values: dict, rest: memoryview, msg_id: int) -> None:
+    count = values[tail.count]
+    if count > tail.limit:
+        raise ProtocolError(msg_id, f"{tail.count} {count} exceeds the maximum {tail.limit}")
+    need = tail.padded or _tail_len(tail, count)
+    if len(rest) < need:
+        raise ProtocolError(
+            msg_id, f"{tail.count} {count} needs {need} payload bytes, msg_size leaves {len(rest)}"
+        )
+    raw = bytes(rest[:need])
+    if tail.unit == 4:
+        values[tail.field] = int.from_bytes(raw, "little")
+    else:
+        values[tail.field] = raw[: _tail_len(tail, count)]
+
+
+# --- Layouts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    cls: type[Message]
+    fixed: struct.Struct  # at payload offset 0; "x" bytes are reserved, written as zero
+    names: tuple[str, ...]  # the fields packed by `fixed`, in order
+    tail: _Tail | None = None
+    # Fields this profile cannot carry must hold these values (else encode raises).
+    absent: tuple[str, ...] = ()
+
+    @property
+    def min_payload(self) -> int:
+        return self.fixed.size + (self.tail.padded if self.tail else 0)
+
+
+def _L(cls: type[Message], fmt: str = "", names: str = "", **kw) -> _Layout:
+    return _Layout(cls, struct.Struct("<" + fmt), tuple(names.split()), **kw)
+
+
+_CFG_NAMES = "generation offset size"
+_VQ_ADDRS = "descriptor_addr driver_addr device_addr"
+_QEMU_CFG = _Tail("data", "size", 1, 8, padded=8)
+_SPEC_CFG = _Tail("data", "size", 1, 28)
+_SPEC_BLOCKS = _Tail("features", "num", 4, m.MAX_FEATURE_BLOCKS)
+
+_QEMU_V0: list[_Layout] = [
+    _L(m.DeviceInfo),
+    _L(
+        m.DeviceInfoResponse,
+        "IIII",
+        "device_id vendor_id num_feature_bits config_size",
+        absent=("max_virtqueues", "admin_vq_start", "admin_vq_count"),
+    ),
+    _L(m.GetFeatures, "II", "index num"),
+    _L(m.GetFeaturesResponse, "IIQ", "index num features"),
+    _L(m.SetFeatures, "IIQ", "index num features"),
+    _L(m.SetFeaturesResponse, "IIQ", "index num features"),
+    _L(m.GetConfig, "II", "offset size"),
+    _L(m.GetConfigResponse, "III", _CFG_NAMES, tail=_QEMU_CFG),
+    _L(m.SetConfig, "III", _CFG_NAMES, tail=_QEMU_CFG),
+    _L(m.SetConfigResponse, "III", _CFG_NAMES, tail=_QEMU_CFG),
+    _L(m.GetDeviceStatus),
+    _L(m.GetDeviceStatusResponse, "I", "status"),
+    _L(m.SetDeviceStatus, "I", "status"),
+    _L(m.SetDeviceStatusResponse, "I", "status"),
+    _L(m.GetVqueue, "I", "index"),
+    _L(m.GetVqueueResponse, "IIIQQQ", "index max_size size " + _VQ_ADDRS),
+    _L(m.SetVqueue, "I4xIQQQ", "index size " + _VQ_ADDRS),  # u32 "unused" at 4
+    _L(m.SetVqueueResponse, "I4xIQQQ", "index size " + _VQ_ADDRS),
+    _L(m.ResetVqueue, "I", "index"),
+    _L(m.ResetVqueueResponse),
+    _L(
+        m.EventConfig,
+        "IIII",
+        "status " + _CFG_NAMES,
+        tail=_Tail("config_value", "size", 1, 16, padded=16),
+    ),
+    _L(m.EventAvail, "II", "index next_offset_wrap"),
+    _L(m.EventUsed, "I", "index"),
+    _L(m.IommuEnable, "B", "enable"),
+    _L(m.IommuTranslate, "QB", "va prot"),
+    _L(m.IommuTranslateResponse, "QQB", "va pa prot"),
+]
+
+_SPEC_V1: list[_Layout] = [
+    _L(m.DeviceInfo),
+    _L(
+        m.DeviceInfoResponse,
+        "IIIIIHH",
+        "device_id vendor_id num_feature_bits config_size max_virtqueues admin_vq_start "
+        "admin_vq_count",
+    ),
+    _L(m.GetFeatures, "II", "index num"),
+    _L(m.GetFeaturesResponse, "II", "index num", tail=_SPEC_BLOCKS),
+    _L(m.SetFeatures, "II", "index num", tail=_SPEC_BLOCKS),
+    _L(m.SetFeaturesResponse, absent=("index", "num", "features")),
+    _L(m.GetConfig, "II", "offset size"),
+    _L(m.GetConfigResponse, "III", _CFG_NAMES, tail=_SPEC_CFG),
+    _L(m.SetConfig, "III", _CFG_NAMES, tail=_SPEC_CFG),
+    _L(m.SetConfigResponse, "III", _CFG_NAMES, tail=_SPEC_CFG),
+    _L(m.GetDeviceStatus),
+    _L(m.GetDeviceStatusResponse, "I", "status"),
+    _L(m.SetDeviceStatus, "I", "status"),
+    _L(m.SetDeviceStatusResponse, "I", "status"),
+    _L(m.GetVqueue, "I", "index"),
+    _L(m.GetVqueueResponse, "III4xQQQ", "index max_size size " + _VQ_ADDRS),
+    _L(m.SetVqueue, "I4xI4xQQQ", "index size " + _VQ_ADDRS),
+    _L(m.SetVqueueResponse, absent=("index", "size", *_VQ_ADDRS.split())),
+    _L(m.ResetVqueue, "I", "index"),
+    _L(m.ResetVqueueResponse),
+    _L(m.GetShm, "I", "index"),
+    _L(m.GetShmResponse, "III", "index length address"),  # u32s in the draft
+    _L(m.EventConfig, "IIII", "status " + _CFG_NAMES, tail=_Tail("config_value", "size", 1, 24)),
+    _L(m.EventAvail, "II", "index next_offset_wrap"),
+    _L(m.EventUsed, "I", "index"),
+    _L(m.BusGetDevices, "HH", "offset num"),
+    _L(
+        m.BusGetDevicesResponse,
+        "HHH",
+        "offset num next_offset",
+        tail=_Tail("bitmap", "num", 1, 8 * 34, bitmap=True),
+    ),
+    _L(m.BusPing, "I", "data"),
+    _L(m.BusPingResponse, "I", "data"),
+    _L(m.BusEventDevice, "HH", "target_dev_num dev_state"),
+]
+
+
+def _index(layouts: list[_Layout]) -> tuple[dict[tuple[int, int], _Layout], dict[type, _Layout]]:
+    by_wire: dict[tuple[int, int], _Layout] = {}
+    by_cls: dict[type, _Layout] = {}
+    for layout in layouts:
+        cls = layout.cls
+        wire_type = (m.TYPE_RESPONSE if cls.RESPONSE else 0) | (m.TYPE_BUS if cls.BUS else 0)
+        by_wire[(wire_type, cls.MSG_ID)] = layout
+        by_cls[cls] = layout
+    return by_wire, by_cls
+
+
+_BY_WIRE: dict[str, dict[tuple[int, int], _Layout]] = {}
+_BY_CLASS: dict[str, dict[type, _Layout]] = {}
+for _profile, _layouts in (("qemu-v0", _QEMU_V0), ("spec-v1", _SPEC_V1)):
+    _BY_WIRE[_profile], _BY_CLASS[_profile] = _index(_layouts)
+    for _layout in _layouts:  # a layout that overflows the payload is a bug in this file
+        _tail_max = _layout.tail and (
+            _layout.tail.padded or _tail_len(_layout.tail, _layout.tail.limit)
+        )
+        if _layout.fixed.size + (_tail_max or 0) > MESSAGE_SIZE[_profile] - HEADER_SIZE[_profile]:
+            raise AssertionError(f"{_profile} {_layout.cls.__name__} overflows the payload")
+
+
+def _check_profile(profile: str) -> None:
+    if profile not in _BY_WIRE:
+        raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+
+
+# --- encode ------------------------------------------------------------------------------------
+
+
+def encode(msg: Message, profile: str = "qemu-v0") -> bytes:
+    """The exact bytes of ``msg`` as it sits in a queue slot.
+
+    Args:
+        msg: any message object.
+        profile: ``"qemu-v0"`` or ``"spec-v1"``.
+
+    Returns:
+        44 (qemu-v0) or 48 (spec-v1) bytes; msg_size = header + the type's payload size;
+        unused payload bytes zero.
+
+    Raises:
+        ValueError: the profile does not define this message, or cannot carry a field's
+            value (a token in qemu-v0, features past 64 bits, config data past 8 bytes, ...).
+    """
+    _check_profile(profile)
+    out = bytearray(MESSAGE_SIZE[profile])
+    hsize = HEADER_SIZE[profile]
+    if isinstance(msg, UnknownMessage):
+        return _encode_unknown(msg, profile, out)
+    layout = _BY_CLASS[profile].get(type(msg))
+    name = type(msg).__name__
+    if layout is None:
+        raise ValueError(f"{name} is not a {profile} message")
+    if profile == "qemu-v0" and msg.token:
+        raise ValueError(f"{name}.token={msg.token}: qemu-v0 has no token field (use spec-v1)")
+    cls_defaults = {f: type(msg).__dataclass_fields__[f].default for f in layout.absent}
+    for field, default in cls_defaults.items():
+        if getattr(msg, field) != default:
+            raise ValueError(f"{name}.{field} cannot be carried by {profile}: must be {default!r}")
+    try:
+        layout.fixed.pack_into(out, hsize, *[getattr(msg, n) for n in layout.names])
+    except struct.error as exc:  # a field wider in the class than in this profile
+        raise ValueError(f"{name} does not fit {profile}: {exc}") from exc
+    size = layout.fixed.size
+    if layout.tail is not None:
+        tail = _pack_tail(layout.tail, msg, profile)
+        out[hsize + size : hsize + size + len(tail)] = tail
+        size += len(tail)
+    _pack_header(out, profile, msg.type, msg.msg_id, msg.dev_num, msg.token, hsize + size)
+    return bytes(out)
+
+
+def _pack_header(
+    out: bytearray, profile: str, type_: int, msg_id: int, dev_num: int, token: int, size: int
+) -> None:
+    if profile == "qemu-v0":
+        _HEADER[profile].pack_into(out, 0, type_, msg_id, dev_num, size)
+    else:
+        _HEADER[profile].pack_into(out, 0, type_, msg_id, dev_num, token, size)
+
+
+def _encode_unknown(msg: UnknownMessage, profile: str, out: bytearray) -> bytes:
+    hsize = HEADER_SIZE[profile]
+    if not hsize <= len(msg.raw) <= len(out):
+        raise ValueError(
+            f"UnknownMessage.raw holds {len(msg.raw)} bytes; {profile} needs {hsize}..{len(out)}"
+        )
+    if profile == "qemu-v0" and msg.token:
+        raise ValueError(f"UnknownMessage.token={msg.token}: qemu-v0 has no token field")
+    out[hsize : len(msg.raw)] = msg.raw[hsize:]
+    _pack_header(out, profile, msg.msg_type, msg.unknown_id, msg.dev_num, msg.token, len(msg.raw))
+    return bytes(out)
+
+
+# --- decode ------------------------------------------------------------------------------------
+
+
+def decode(data: bytes | bytearray | memoryview, profile: str = "qemu-v0") -> Message:
+    """Parse one message from untrusted bytes (a slot, or a message cut to its size).
+
+    Only ``msg_size`` bytes are read; bytes after them are ignored.
+
+    Returns:
+        The message object, or ``UnknownMessage`` for a (type, msg_id) the profile does
+        not define.
+
+    Raises:
+        ProtocolError: too short for a header, msg_size out of range, reserved type bits
+            set, or a payload too short or inconsistent for its type. Nothing else.
+        ValueError: ``profile`` is not a known profile (a caller's mistake).
+    """
+    _check_profile(profile)
+    view = memoryview(data).cast("B")
+    hsize = HEADER_SIZE[profile]
+    if len(view) < hsize:
+        raise ProtocolError(None, f"{len(view)} bytes are shorter than the {hsize}-byte header")
+    if profile == "qemu-v0":
+        type_, msg_id, dev_num, size = _HEADER[profile].unpack_from(view)
+        token = 0
+    else:
+        type_, msg_id, dev_num, token, size = _HEADER[profile].unpack_from(view)
+    limit = min(len(view), MESSAGE_SIZE[profile])
+    if not hsize <= size <= limit:
+        raise ProtocolError(msg_id, f"msg_size {size} outside {hsize}..{limit}")
+    type_ &= ~_RESERVED_TYPE_BITS  # the draft: receivers MUST ignore them (QEMU does too)
+    layout = _BY_WIRE[profile].get((type_, msg_id))
+    if layout is None:
+        return UnknownMessage(
+            msg_type=type_,
+            unknown_id=msg_id,
+            raw=bytes(view[:size]),
+            dev_num=dev_num,
+            token=token,
+        )
+    payload = view[hsize:size]
+    if len(payload) < layout.fixed.size:
+        raise ProtocolError(
+            msg_id,
+            f"{layout.cls.__name__} needs {layout.fixed.size} payload bytes, msg_size gives "
+            f"{len(payload)}",
+        )
+    values = dict(zip(layout.names, layout.fixed.unpack_from(payload), strict=True))
+    if layout.tail is not None:
+        _unpack_tail(layout.tail, values, payload[layout.fixed.size :], msg_id)
+    try:
+        return layout.cls(**values, dev_num=dev_num, token=token)
+    except (TypeError, ValueError) as exc:  # a combination the message class refuses
+        raise ProtocolError(msg_id, str(exc)) from exc
+
+
+# --- Matching ------------------------------------------------------------------------------------
+
+
+def is_response(msg: Message) -> bool:
+    """True for a response (type bit 0)."""
+    return bool(msg.type & m.TYPE_RESPONSE)
+
+
+def response_class(msg: Message, profile: str = "qemu-v0") -> type[Message] | None:
+    """The class of the response ``msg`` gets in ``profile``, or None if it gets none."""
+    _check_profile(profile)
+    if is_response(msg) or msg.EVENT or isinstance(msg, UnknownMessage):
+        return None
+    if profile == "qemu-v0" and msg.MSG_ID in _QEMU_NO_REPLY:
+        return None
+    layout = _BY_WIRE[profile].get((msg.type | m.TYPE_RESPONSE, msg.msg_id))
+    return layout.cls if layout else None
+
+
+# QEMU's device never answers RESET_VQUEUE; IOMMU_ENABLE has no response.
+_QEMU_NO_REPLY: Final = frozenset({m.MSG_RESET_VQUEUE, m.MSG_IOMMU_ENABLE})
+
+
+def expects_response(msg: Message, profile: str = "qemu-v0") -> bool:
+    """True when a peer speaking ``profile`` answers ``msg``."""
+    return response_class(msg, profile) is not None
+
+
+def response_matches(request: Message, reply: Message, profile: str = "qemu-v0") -> bool:
+    """True when ``reply`` answers ``request``.
+
+    qemu-v0 matches on msg_id and the bus bit (one request is outstanding at a time, as in
+    QEMU's ``virtio_msg_is_resp``); spec-v1 also needs the same token and dev_num.
+    """
+    _check_profile(profile)
+    if not is_response(reply) or is_response(request):
+        return False
+    if reply.msg_id != request.msg_id or (reply.type ^ request.type) & m.TYPE_BUS:
+        return False
+    if profile == "spec-v1":
+        return reply.token == request.token and reply.dev_num == request.dev_num
+    return True
