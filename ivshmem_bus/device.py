@@ -1,0 +1,120 @@
+"""The one device interface every upper layer uses (ixy's ``struct ixy_device``).
+
+An ivshmem device, whatever the backend (VFIO inside a guest, the fake pair, a client of an
+ivshmem server), is: registers (``regs``: IVPosition is the VMID), shared memory (``shmem``,
+BAR2), doorbells out (``ring``) and doorbells in (one eventfd per vector, ``wait``). The bus
+knows only this class; backends fill in ``_ring`` and the fds.
+
+Facts the interface is built on (vfio-notes.md):
+- eventfd counters coalesce: one readable eventfd can stand for several doorbells, so
+  ``wait`` drains every counter it reports;
+- a doorbell rung before the receiver enabled its vectors is lost: callers must not rely on a
+  single doorbell for liveness (the bus re-checks its queue periodically).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import selectors
+from collections.abc import Sequence
+
+from .regs import Bar0, doorbell_value
+
+__all__ = ["IvshmemDevice"]
+
+
+class IvshmemDevice(abc.ABC):
+    """An ivshmem function: registers, BAR2, doorbells. A context manager; ``close`` is
+    idempotent and releases everything the backend owns."""
+
+    regs: Bar0
+
+    # Methods ----------------------------------------------------------------------------------
+
+    def ring(self, peer: int, vector: int = 0) -> None:
+        """Ring ``vector`` of ``peer``: on hardware, one store of ``(peer << 16) | vector``.
+
+        Raises:
+            ValueError: peer not in 0..65535 or vector not in 0..255.
+        """
+        doorbell_value(peer, vector)  # range check before any backend work
+        self._ring(peer, vector)
+
+    @abc.abstractmethod
+    def _ring(self, peer: int, vector: int) -> None: ...
+
+    @abc.abstractmethod
+    def vector_fds(self) -> Sequence[int]:
+        """One non-blocking eventfd per vector, index = vector, for selectors/epoll/asyncio."""
+
+    def wait(self, timeout: float | None) -> set[int]:
+        """Wait until a doorbell arrives on any vector, or ``timeout`` seconds pass.
+
+        Returns:
+            The vectors that fired (empty on timeout). Their counters are drained.
+        """
+        fds = self.vector_fds()
+        fired = self.drain()
+        if fired or timeout == 0:
+            return fired
+        with selectors.DefaultSelector() as sel:
+            for vector, fd in enumerate(fds):
+                sel.register(fd, selectors.EVENT_READ, vector)
+            ready = sel.select(timeout)
+        for key, _ in ready:
+            if _read_eventfd(key.fd):
+                fired.add(key.data)
+        return fired
+
+    def drain(self) -> set[int]:
+        """Read every vector's eventfd without blocking; the vectors that had fired."""
+        return {v for v, fd in enumerate(self.vector_fds()) if _read_eventfd(fd)}
+
+    def peers(self) -> set[int] | None:
+        """The other peers' ids when the backend knows them (server client), else None."""
+        return None
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Immutable properties ---------------------------------------------------------------------
+
+    @property
+    def vmid(self) -> int:
+        """This peer's id, read from IVPosition."""
+        return self.regs.ivposition
+
+    @property
+    @abc.abstractmethod
+    def shmem(self) -> memoryview:
+        """BAR2: the shared memory, writable."""
+
+    @property
+    def vectors(self) -> int:
+        """Number of doorbell vectors."""
+        return len(self.vector_fds())
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """What the device is, for error messages (a BDF, a socket path, "fake pair")."""
+
+    # String representation ----------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def _read_eventfd(fd: int) -> int:
+    """Drain one non-blocking eventfd; its counter (0 if it had not fired)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except BlockingIOError:
+        return 0

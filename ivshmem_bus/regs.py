@@ -1,0 +1,134 @@
+"""ivshmem BAR0: the only code that does word arithmetic on the register block.
+
+BAR0 (QEMU docs/specs/ivshmem-spec.rst; wire-format spec section 1) is 256 bytes of 32-bit
+registers that accept 4-byte accesses only:
+
+    0x00 IntrMask    INTx mask, bit 0 = doorbell interrupt
+    0x04 IntrStatus  INTx status, read-to-clear
+    0x08 IVPosition  read-only: this peer's id, the VMID (0..65535)
+    0x0C Doorbell    write-only: (dest_peer << 16) | vector
+
+Every register access is exactly one 4-byte access. Two word backends give that guarantee:
+``MmapWords`` through a ``memoryview.cast("I")`` view of a mapping (a single aligned load or
+store; ``struct.pack_into`` and slice assignment store twice and would ring twice), and
+``PreadWords`` through ``pread``/``pwrite`` of 4 bytes on a file descriptor (vfio-pci often
+cannot mmap the 256-byte BAR0; a 4-byte pwrite at region offset + reg is one access).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+__all__ = [
+    "BAR0_SIZE",
+    "DOORBELL",
+    "INTRMASK",
+    "INTRSTATUS",
+    "IVPOSITION",
+    "Bar0",
+    "MmapWords",
+    "PreadWords",
+    "WordIO",
+    "doorbell_value",
+]
+
+INTRMASK = 0x00
+INTRSTATUS = 0x04
+IVPOSITION = 0x08
+DOORBELL = 0x0C
+BAR0_SIZE = 256
+
+MAX_PEER = 0xFFFF
+MAX_VECTOR = 0xFF  # QEMU's device uses only bits 7..0 of the vector
+
+
+class WordIO(Protocol):
+    """Single 32-bit accesses at byte offsets of a register block."""
+
+    def read32(self, offset: int) -> int: ...
+
+    def write32(self, offset: int, value: int) -> None: ...
+
+
+def _check(offset: int, size: int) -> None:
+    if offset % 4 or not 0 <= offset <= size - 4:
+        raise ValueError(f"register offset 0x{offset:x} is not an aligned word of {size} bytes")
+
+
+class MmapWords:
+    """Words of a mapped (or any writable) buffer, one aligned 32-bit access each."""
+
+    def __init__(self, buffer: memoryview | bytearray) -> None:
+        view = memoryview(buffer).cast("B")
+        self._size = len(view)
+        self._words = view[: self._size & ~3].cast("I")
+
+    def read32(self, offset: int) -> int:
+        _check(offset, self._size)
+        return self._words[offset >> 2]
+
+    def write32(self, offset: int, value: int) -> None:
+        _check(offset, self._size)
+        self._words[offset >> 2] = value
+
+    def release(self) -> None:
+        """Drop the view so the owner can close its mapping."""
+        self._words.release()
+
+
+class PreadWords:
+    """Words of a file region (a VFIO device fd at the BAR's region offset), via pread/pwrite."""
+
+    def __init__(self, fd: int, base: int, size: int = BAR0_SIZE) -> None:
+        self._fd = fd
+        self._base = base
+        self._size = size
+
+    def read32(self, offset: int) -> int:
+        _check(offset, self._size)
+        data = os.pread(self._fd, 4, self._base + offset)
+        if len(data) != 4:
+            raise OSError(f"short register read at 0x{offset:x}: {len(data)} bytes")
+        return int.from_bytes(data, "little")
+
+    def write32(self, offset: int, value: int) -> None:
+        _check(offset, self._size)
+        written = os.pwrite(self._fd, value.to_bytes(4, "little"), self._base + offset)
+        if written != 4:
+            raise OSError(f"short register write at 0x{offset:x}: {written} bytes")
+
+
+def doorbell_value(peer: int, vector: int) -> int:
+    """The Doorbell word that rings ``vector`` of ``peer``; range-checked."""
+    if not (0 <= peer <= MAX_PEER and 0 <= vector <= MAX_VECTOR):
+        raise ValueError(f"peer {peer} / vector {vector} out of range (0..65535 / 0..255)")
+    return peer << 16 | vector
+
+
+class Bar0:
+    """The four ivshmem registers, by name, over a ``WordIO``."""
+
+    def __init__(self, words: WordIO) -> None:
+        self.words = words
+
+    @property
+    def intr_mask(self) -> int:
+        return self.words.read32(INTRMASK)
+
+    @intr_mask.setter
+    def intr_mask(self, value: int) -> None:
+        self.words.write32(INTRMASK, value)
+
+    def read_intr_status(self) -> int:
+        """Read IntrStatus; on real hardware the read clears it and lowers INTx."""
+        return self.words.read32(INTRSTATUS)
+
+    @property
+    def ivposition(self) -> int:
+        """This peer's id (the VMID)."""
+        return self.words.read32(IVPOSITION)
+
+    def ring(self, peer: int, vector: int = 0) -> None:
+        """One 32-bit store of ``(peer << 16) | vector`` to Doorbell."""
+        self.words.write32(DOORBELL, doorbell_value(peer, vector))
