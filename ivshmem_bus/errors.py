@@ -53,3 +53,15 @@ class ProtocolError(IvshmemBusError):
         self.reason = reason
         where = "message" if msg_id is None else f"message 0x{msg_id:02x}"
         super().__init__(f"malformed virtio-msg {where}: {reason}")
+
+
+class BusError(IvshmemBusError):
+    """The virtio-msg bus could not do what was asked (the link, not the bytes, failed)."""
+
+
+class BusTimeout(BusError, TimeoutError):
+    """A request got no response, or the peer did not drain a full queue, in time."""
+
+
+class BusClosed(BusError):
+    """The bus was used after ``close()``."""

@@ -1,0 +1,410 @@
+"""VirtioMsgBus: virtio-msg messages over an ivshmem device, as QEMU's virtio-msg-bus-ivshmem.
+
+Theory of operation
+-------------------
+BAR2 holds two SPSC queues (wire-format spec section 3): the driver queue at 0x0000 carries
+driver -> device messages, the device queue at 0x1000 device -> driver. The driver role
+produces on the first and consumes the second; the device role the reverse. The side that
+starts first may pass ``reset_queues=True`` to zero both (8 KiB) before the other attaches.
+
+Sending encodes the message into one slot and rings ``remote_vmid`` (vector 0) after each
+enqueue, as QEMU does. A full queue is waited out (the peer is ringed again, in case it
+slept through a doorbell) until ``timeout``, then ``BusTimeout``.
+
+Receiving drains the whole queue on every look (eventfd counts coalesce: one wake-up can
+stand for many doorbells). Waiting spins on the queue for ``spin`` seconds, then sleeps on
+the device's eventfds; since a doorbell can be lost (rung before the peer enabled its
+vectors), a sleeping wait wakes every ``poll_interval`` to look at the queue anyway.
+
+Requests: one outstanding at a time per caller. qemu-v0 matches a response by msg_id,
+spec-v1 by token (allocated here). While a request waits, responses that match nothing are
+dropped and counted; requests the peer sends (QEMU's device sends IOMMU_TRANSLATE that way)
+go to ``handler`` when one is set, and are answered at once; everything else (events,
+unanswered requests) is kept and delivered after, in arrival order, by ``receive``.
+
+Bytes the peer wrote that do not decode are dropped and counted, never raised: the peer is
+untrusted and one bad slot must not stop the link. A corrupt queue index is different: it
+raises ``QueueCorrupt`` (nothing sane can be read until the queues are reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+from . import protocol
+from .device import IvshmemDevice
+from .errors import BusClosed, BusTimeout, ProtocolError
+from .protocol import Message, UnknownMessage
+from .queue import SpscQueue
+
+__all__ = [
+    "DEVICE_QUEUE_OFFSET",
+    "DRIVER_QUEUE_OFFSET",
+    "QUEUE_SIZE",
+    "BusStats",
+    "Handler",
+    "VirtioMsgBus",
+    "reset_queues_of",
+]
+
+log = logging.getLogger(__name__)
+
+DRIVER_QUEUE_OFFSET = 0x0000
+DEVICE_QUEUE_OFFSET = 0x1000
+QUEUE_SIZE = 0x1000
+Role = Literal["driver", "device"]
+Handler = Callable[[Message], Message | None]
+
+
+@dataclasses.dataclass
+class BusStats:
+    """Counters of one bus. ``dropped`` = malformed + unknown + stray responses."""
+
+    sent: int = 0
+    received: int = 0
+    malformed: int = 0
+    unknown: int = 0
+    stray_responses: int = 0
+    queue_full_waits: int = 0
+    doorbells_rung: int = 0
+    doorbell_wakeups: int = 0
+    timeouts: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.malformed + self.unknown + self.stray_responses
+
+
+def reset_queues_of(device: IvshmemDevice) -> None:
+    """Zero both queues (8 KiB of BAR2): only before the peer attaches ("reset-queues")."""
+    need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
+    device.shmem[:need] = bytes(need)  # no peer yet: a torn index cannot be seen
+
+
+class VirtioMsgBus:
+    """One end of a virtio-msg link over an ivshmem device.
+
+    Args:
+        device: any ``IvshmemDevice`` backend; the bus does not close it.
+        role: ``"driver"`` or ``"device"``.
+        remote_vmid: the peer's VMID (its IVPosition), 0..65535.
+        profile: ``"qemu-v0"`` (QEMU's ivshmem bus) or ``"spec-v1"``.
+        reset_queues: zero both queues first (only the side that starts first).
+        handler: answers requests that arrive while a ``request`` waits (return the response,
+            or None for no response).
+        spin: seconds to busy-poll the queue before sleeping on the eventfds.
+        poll_interval: the longest a sleeping wait goes without looking at the queue.
+
+    Raises:
+        ValueError: bad role, profile or vmid, or BAR2 smaller than the two queues.
+        QueueCorrupt: an index in shared memory is out of range (and reset_queues is off).
+    """
+
+    def __init__(
+        self,
+        device: IvshmemDevice,
+        role: Role,
+        remote_vmid: int,
+        profile: str = "qemu-v0",
+        *,
+        reset_queues: bool = False,
+        handler: Handler | None = None,
+        spin: float = 50e-6,
+        poll_interval: float = 0.01,
+    ) -> None:
+        if role not in ("driver", "device"):
+            raise ValueError(f"role must be 'driver' or 'device', not {role!r}")
+        if profile not in protocol.PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; use one of {protocol.PROFILES}")
+        if not 0 <= remote_vmid <= 0xFFFF:
+            raise ValueError(f"remote_vmid {remote_vmid} is not a peer id (0..65535)")
+        shm = device.shmem
+        need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
+        if len(shm) < need:
+            raise ValueError(f"{device.name}: BAR2 is {len(shm)} bytes; the bus needs {need}")
+        if reset_queues:
+            reset_queues_of(device)
+        driver_q = SpscQueue(shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE])
+        device_q = SpscQueue(shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE])
+        self._tx, self._rx = (driver_q, device_q) if role == "driver" else (device_q, driver_q)
+        self.device = device
+        self.role = role
+        self.remote_vmid = remote_vmid
+        self.profile = profile
+        self.handler = handler
+        self.spin = spin
+        self.poll_interval = poll_interval
+        self.stats = BusStats()
+        self._pending: collections.deque[Message] = collections.deque()
+        self._token = 0
+        self._closed = False
+
+    # Sending ------------------------------------------------------------------------------------
+
+    def send(self, msg: Message, timeout: float = 1.0) -> None:
+        """Encode ``msg``, enqueue it and ring the peer.
+
+        Raises:
+            BusTimeout: the queue stayed full for ``timeout`` seconds.
+            ValueError: the profile cannot carry ``msg``.
+        """
+        self._check_open()
+        raw = protocol.encode(msg, self.profile)
+        if not self._tx.put(raw):
+            self._wait_for_space(raw, timeout)
+        self.stats.sent += 1
+        self._ring()
+
+    def _wait_for_space(self, raw: bytes, timeout: float) -> None:
+        self.stats.queue_full_waits += 1
+        deadline = time.monotonic() + timeout
+        pause = 1e-5
+        while not self._tx.put(raw):
+            if time.monotonic() >= deadline:
+                self.stats.timeouts += 1
+                raise BusTimeout(
+                    f"queue to vmid {self.remote_vmid} on {self.device.name} stayed full for "
+                    f"{timeout} s: the peer is not consuming (is it running and attached?)"
+                )
+            self._ring()  # it may have slept through the doorbell that filled the queue
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def _ring(self) -> None:
+        self.device.ring(self.remote_vmid, 0)
+        self.stats.doorbells_rung += 1
+
+    # Receiving ----------------------------------------------------------------------------------
+
+    def _fetch(self) -> list[Message]:
+        """Drain the receive queue and decode; bad slots are dropped and counted."""
+        out: list[Message] = []
+        self._rx.drain(lambda slot: self._decode_into(slot, out))
+        return out
+
+    def _decode_into(self, slot: memoryview, out: list[Message]) -> None:
+        try:
+            msg = protocol.decode(slot, self.profile)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.debug("%s: dropped: %s", self.device.name, exc)
+            return
+        if isinstance(msg, UnknownMessage):
+            self.stats.unknown += 1
+            log.debug("%s: dropped unknown message 0x%02x", self.device.name, msg.msg_id)
+            return
+        self.stats.received += 1
+        out.append(msg)
+
+    def _wait(self, deadline: float, spin_until: float) -> None:
+        """Block until a doorbell, the poll interval, or the deadline, whichever is first."""
+        now = time.monotonic()
+        if now < spin_until:
+            return  # still spinning: look at the queue again straight away
+        remaining = deadline - now
+        if remaining <= 0:
+            return
+        if self.device.wait(min(remaining, self.poll_interval)):
+            self.stats.doorbell_wakeups += 1
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next incoming message, or None after ``timeout`` seconds (None: forever).
+
+        Responses that arrive when no request is waiting are dropped as strays.
+        """
+        self._check_open()
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        spin_until = time.monotonic() + self.spin
+        while True:
+            if self._pending:
+                return self._pending.popleft()
+            for msg in self._fetch():
+                if protocol.is_response(msg):
+                    self.stats.stray_responses += 1
+                else:
+                    self._pending.append(msg)
+            if self._pending:
+                continue
+            if time.monotonic() >= deadline:
+                return None
+            self._wait(deadline, spin_until)
+
+    # Requests -----------------------------------------------------------------------------------
+
+    def _prepare(self, msg: Message) -> Message:
+        if not protocol.expects_response(msg, self.profile):
+            raise ValueError(f"{type(msg).__name__} gets no response in {self.profile}: use send()")
+        if self.profile == "spec-v1":
+            self._token = self._token % 0xFFFF + 1  # 1..65535; 0 is for events
+            msg = dataclasses.replace(msg, token=self._token)
+        return msg
+
+    def _match(self, request: Message, batch: list[Message]) -> Message | None:
+        """Sort a fetched batch while ``request`` waits; the response if it is there."""
+        found = None
+        for msg in batch:
+            if found is None and protocol.response_matches(request, msg, self.profile):
+                found = msg
+            elif protocol.is_response(msg):
+                self.stats.stray_responses += 1
+            elif self.handler is not None and protocol.expects_response(msg, self.profile):
+                self._answer(msg, self.handler(msg))
+            else:
+                self._pending.append(msg)
+        return found
+
+    def _timed_out(self, request: Message, timeout: float) -> BusTimeout:
+        self.stats.timeouts += 1
+        return BusTimeout(
+            f"no response to {type(request).__name__} from vmid {self.remote_vmid} on "
+            f"{self.device.name} within {timeout} s (is the peer serving?)"
+        )
+
+    def request(self, msg: Message, timeout: float = 1.0) -> Message:
+        """Send a request and wait for its response.
+
+        Returns:
+            The response (its class is ``protocol.response_class(msg)``).
+
+        Raises:
+            BusTimeout: no response within ``timeout`` (the peer was ringed again halfway).
+            ValueError: ``msg`` gets no response in this profile.
+        """
+        self._check_open()
+        msg = self._prepare(msg)
+        start = time.monotonic()
+        deadline = start + timeout
+        rering_at = start + timeout / 2
+        self.send(msg, timeout)
+        spin_until = time.monotonic() + self.spin
+        while True:
+            found = self._match(msg, self._fetch())
+            if found is not None:
+                return found
+            now = time.monotonic()
+            if now >= deadline:
+                raise self._timed_out(msg, timeout)
+            if now >= rering_at:  # the first doorbell may have been lost
+                rering_at = deadline
+                self._ring()
+            self._wait(min(deadline, rering_at), spin_until)
+
+    def serve(
+        self, handler: Handler, *, stop: Callable[[], bool] | None = None, timeout: float = 1.0
+    ) -> int:
+        """Answer requests until ``stop()`` is true (checked at least every poll interval).
+
+        ``handler`` gets every incoming request and event; what it returns (if not None) is
+        sent back at once. QEMU's driver side gives up after about 1 ms, so the handler must
+        be quick.
+
+        Returns:
+            How many messages were handled.
+        """
+        handled = 0
+        while stop is None or not stop():
+            msg = self.receive(self.poll_interval)
+            if msg is None:
+                continue
+            self._answer(msg, handler(msg), timeout)
+            handled += 1
+        return handled
+
+    def _answer(self, request: Message, reply: Message | None, timeout: float = 1.0) -> None:
+        """Send ``reply`` with the request's token and dev_num (the responder copies them)."""
+        if reply is None:
+            return
+        if reply.token != request.token or reply.dev_num != request.dev_num:
+            reply = dataclasses.replace(reply, token=request.token, dev_num=request.dev_num)
+        self.send(reply, timeout)
+
+    # asyncio ------------------------------------------------------------------------------------
+
+    async def _await_doorbell(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        fds = list(self.device.vector_fds())
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        for fd in fds:
+            loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+        if self.device.drain():
+            self.stats.doorbell_wakeups += 1
+
+    async def areceive(self, timeout: float | None = None) -> Message | None:
+        """``receive`` for asyncio: sleeps on the same eventfds without blocking the loop."""
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = self.receive(0)
+            remaining = deadline - time.monotonic()
+            if msg is not None or remaining <= 0:
+                return msg
+            await self._await_doorbell(min(remaining, self.poll_interval))
+
+    async def arequest(self, msg: Message, timeout: float = 1.0) -> Message:
+        """``request`` for asyncio."""
+        self._check_open()
+        msg = self._prepare(msg)
+        deadline = time.monotonic() + timeout
+        self.send(msg, timeout)
+        while True:
+            found = self._match(msg, self._fetch())
+            if found is not None:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timed_out(msg, timeout)
+            await self._await_doorbell(min(remaining, self.poll_interval))
+
+    async def __aenter__(self) -> VirtioMsgBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        while not self._closed:
+            msg = await self.areceive(self.poll_interval)
+            if msg is not None:
+                yield msg
+
+    # Life cycle -----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed(f"bus on {self.device.name} is closed")
+
+    def close(self) -> None:
+        """Release the queues' views of BAR2 (the device can then be closed). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._tx.release()
+            self._rx.release()
+
+    def __enter__(self) -> VirtioMsgBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<VirtioMsgBus {self.role} on {self.device.name} -> vmid {self.remote_vmid} "
+            f"({self.profile})>"
+        )
