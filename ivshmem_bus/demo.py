@@ -36,10 +36,15 @@ class DemoResult:
 
 
 def _serve_child(
-    device: IvshmemDevice, peer_vmid: int, profile: str, make: Callable[[], VirtioMsgDevice], stop
+    device: IvshmemDevice,
+    peer_vmid: int,
+    profile: str,
+    make: Callable[[], VirtioMsgDevice],
+    stop,
+    spin: float,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    with VirtioMsgBus(device, "device", peer_vmid, profile) as bus:
+    with VirtioMsgBus(device, "device", peer_vmid, profile, spin=spin) as bus:
         make().serve(bus, stop=stop.is_set)
 
 
@@ -50,10 +55,12 @@ def served_device(
     profile: str = "qemu-v0",
     make: Callable[[], VirtioMsgDevice] = RngDevice,
     others: tuple[IvshmemDevice, ...] = (),
+    spin: float = 50e-6,
 ) -> Iterator[multiprocessing.process.BaseProcess]:
     """Run ``make()`` as the device role on ``device`` in a forked child until the block ends.
 
-    ``others`` are devices the child must not keep (closed in the child right after fork).
+    ``others`` are devices the child must not keep (closed in the child right after fork);
+    ``spin`` is the device bus's busy-poll time before it sleeps on its eventfds.
     """
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
@@ -61,7 +68,7 @@ def served_device(
     def child() -> None:
         for other in others:
             other.close()
-        _serve_child(device, peer_vmid, profile, make, stop)
+        _serve_child(device, peer_vmid, profile, make, stop, spin)
 
     proc = ctx.Process(target=child, name="virtio-msg-device", daemon=True)
     proc.start()
