@@ -65,3 +65,7 @@ class BusTimeout(BusError, TimeoutError):
 
 class BusClosed(BusError):
     """The bus was used after ``close()``."""
+
+
+class ServerClientError(IvshmemBusError):
+    """The ivshmem server could not be reached, or spoke something other than its protocol."""

@@ -1,0 +1,236 @@
+"""A device backend that is a client of an ivshmem server, as QEMU's ivshmem-doorbell is.
+
+So a host program can join a fabric of QEMU guests (or of other host programs) through the
+same server: it gets the shared memory, one eventfd per vector for itself, and the eventfds
+of every other peer to ring them.
+
+The server protocol (wire-format spec section 2): every message is one little-endian int64,
+optionally with one fd (SCM_RIGHTS). On connect: the version (0), our own id, -1 with the
+shared-memory fd, then ``id`` + eventfd once per vector for every peer already there, then
+our own id + eventfd once per vector. Later: a new peer's id + eventfd per vector; a peer's
+id with no fd when it leaves.
+
+The initial burst is read synchronously (until our own ``vectors`` eventfds arrived); later
+announcements are read without blocking whenever the device is used (``ring``, ``wait``,
+``peers``), so the peer table is current without a thread.
+
+The server is another process on the host, trusted no more than needed: ids are range
+checked, a peer gets at most 64 vectors, and every fd received that is not kept is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+from collections.abc import Sequence
+
+from .device import IvshmemDevice
+from .errors import ServerClientError
+from .regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+
+__all__ = ["ServerClientDevice"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 0
+MAX_VECTORS = 64
+_ONE = (1).to_bytes(8, "little")
+
+
+class ServerClientDevice(IvshmemDevice):
+    """An ivshmem device backed by an ivshmem server's UNIX socket.
+
+    Args:
+        path: the server socket (QEMU's ``-chardev socket,path=...``).
+        vectors: how many vectors this peer expects (the server's ``-n``).
+        timeout: seconds for connecting and for the initial burst.
+
+    Raises:
+        ServerClientError: cannot connect, the server speaks another protocol, or the
+            initial burst is incomplete within ``timeout``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], vectors: int = 1, timeout: float = 5.0):
+        if not 1 <= vectors <= MAX_VECTORS:
+            raise ValueError(f"vectors must be 1..{MAX_VECTORS}, not {vectors}")
+        self._path = os.fspath(path)
+        self._want_vectors = vectors
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._id = -1
+        self._shm_fd = -1
+        self._shm_map: mmap.mmap | None = None
+        self._shm_view: memoryview | None = None
+        self._own: list[int] = []
+        self._peers: dict[int, list[int]] = {}
+        self.server_gone = False
+        self._regs_buf = bytearray(BAR0_SIZE)  # a host program has no BAR0: IVPosition only
+        self._words = MmapWords(self._regs_buf)
+        self.regs = Bar0(self._words)
+        try:
+            self._open(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, timeout: float) -> None:
+        sock = self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self._path)
+        except OSError as exc:
+            raise ServerClientError(
+                f"cannot connect to ivshmem server at {self._path}: {exc.strerror or exc}; "
+                f"start one with 'ivshmem-bus server -S {self._path}'"
+            ) from exc
+        version, fd = self._recv()
+        self._no_fd(fd)
+        if version != PROTOCOL_VERSION:
+            raise ServerClientError(f"{self._path}: server protocol version {version}, expected 0")
+        own_id, fd = self._recv()
+        self._no_fd(fd)
+        if not 0 <= own_id <= 0xFFFF:
+            raise ServerClientError(f"{self._path}: server assigned invalid id {own_id}")
+        self._id = own_id
+        self._words.write32(IVPOSITION, own_id)
+        while self._shm_map is None or len(self._own) < self._want_vectors:
+            try:
+                self._handle(*self._recv())
+            except TimeoutError as exc:
+                raise ServerClientError(
+                    f"{self._path}: got {len(self._own)} of {self._want_vectors} vectors before "
+                    f"the server went quiet: does it run with -n {self._want_vectors}?"
+                ) from exc
+        sock.setblocking(False)
+
+    # The server's messages --------------------------------------------------------------------
+
+    def _recv(self) -> tuple[int, int]:
+        """One int64 and its fd (or -1). Raises ServerClientError on EOF."""
+        assert self._sock is not None
+        fd = -1
+        while len(self._buf) < 8:
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, 8 - len(self._buf), 4)
+            for extra in fds[1:] if fd == -1 else fds:  # at most one fd per message
+                os.close(extra)
+            if fds and fd == -1:
+                fd = fds[0]
+            if not data:
+                if fd != -1:
+                    os.close(fd)
+                self.server_gone = True
+                raise ServerClientError(f"{self._path}: the ivshmem server closed the connection")
+            self._buf += data
+        value = int.from_bytes(self._buf[:8], "little", signed=True)
+        self._buf = self._buf[8:]
+        return value, fd
+
+    def _no_fd(self, fd: int) -> None:
+        if fd != -1:
+            os.close(fd)
+            raise ServerClientError(f"{self._path}: unexpected fd in the server's greeting")
+
+    def _handle(self, value: int, fd: int) -> None:
+        if value == -1:
+            if fd == -1 or self._shm_map is not None:
+                self._close_quietly(fd)
+                raise ServerClientError(f"{self._path}: bad shared-memory message")
+            self._shm_fd = fd
+            size = os.fstat(fd).st_size
+            self._shm_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            self._shm_view = memoryview(self._shm_map)
+        elif not 0 <= value <= 0xFFFF:
+            self._close_quietly(fd)
+            log.warning("%s: ignored invalid peer id %d from the server", self._path, value)
+        elif fd == -1:  # peer gone
+            for gone in self._peers.pop(value, []):
+                os.close(gone)
+            log.info("%s: peer %d left", self._path, value)
+        elif value == self._id:
+            self._add_vector(self._own, fd, value)
+            os.set_blocking(fd, False)
+        else:
+            self._add_vector(self._peers.setdefault(value, []), fd, value)
+
+    def _add_vector(self, fds: list[int], fd: int, peer: int) -> None:
+        if len(fds) >= MAX_VECTORS:
+            os.close(fd)
+            log.warning("%s: peer %d sent more than %d vectors", self._path, peer, MAX_VECTORS)
+        else:
+            fds.append(fd)
+
+    @staticmethod
+    def _close_quietly(fd: int) -> None:
+        if fd != -1:
+            os.close(fd)
+
+    def update(self) -> None:
+        """Read every announcement the server has sent since the last look (non-blocking)."""
+        if self._sock is None or self.server_gone:
+            return
+        while True:
+            try:
+                self._handle(*self._recv())
+            except (BlockingIOError, InterruptedError):
+                return
+            except ServerClientError as exc:
+                if self.server_gone:  # peers' eventfds keep working without the server
+                    log.warning("%s", exc)
+                    return
+                raise
+
+    # Device interface -----------------------------------------------------------------------------
+
+    def _ring(self, peer: int, vector: int) -> None:
+        self.update()
+        fds = self._peers.get(peer)
+        if fds is not None and vector < len(fds):
+            os.write(fds[vector], _ONE)
+        # as on hardware, a doorbell to an absent peer or vector is dropped
+
+    def vector_fds(self) -> Sequence[int]:
+        return self._own
+
+    def wait(self, timeout: float | None) -> set[int]:
+        self.update()
+        return super().wait(timeout)
+
+    def peers(self) -> set[int]:
+        self.update()
+        return set(self._peers)
+
+    def fileno(self) -> int:
+        """The server socket, for callers that want to watch announcements."""
+        return -1 if self._sock is None else self._sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket, unmap BAR2, close every eventfd. Idempotent."""
+        if self._shm_view is not None:
+            self._shm_view.release()
+            self._shm_view = None
+        if self._shm_map is not None:
+            try:
+                self._shm_map.close()
+            except BufferError:
+                log.warning("%s: shared memory still in use by a view at close", self._path)
+            self._shm_map = None
+        fds = [self._shm_fd, *self._own, *(fd for v in self._peers.values() for fd in v)]
+        self._shm_fd, self._own, self._peers = -1, [], {}
+        for fd in fds:
+            if fd != -1:
+                os.close(fd)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @property
+    def shmem(self) -> memoryview:
+        if self._shm_view is None:
+            raise ValueError(f"ivshmem server client of {self._path} is closed")
+        return self._shm_view
+
+    @property
+    def name(self) -> str:
+        return f"ivshmem server {self._path} (peer {self._id})"
