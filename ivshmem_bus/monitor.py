@@ -1,0 +1,180 @@
+"""A read-only tap on a live link's two queues, and a pcap writer for what it sees.
+
+The tap never writes shared memory: it may run on a read-only mapping of BAR2 beside two
+peers (QEMU to QEMU too) and the link's traffic is byte-for-byte what it would be without
+it. It polls each queue's head index (range-checked: the tap trusts nobody), copies the
+slots between the last head it saw and the new one, and decodes them.
+
+Limits, said plainly: the tap races the consumer. A slot is safe to read until the
+producer reuses it, one lap later; a tap that falls a whole lap behind cannot tell (indexes
+are slot numbers, not free-running counters), and sees the newer message. A tap that reads
+a slot while it is being rewritten notices the head moving past it and counts an overrun.
+
+pcap: link type LINKTYPE_USER0 (147); each record is a 4-byte pseudo-header (direction:
+0 driver->device, 1 device->driver; profile: 0 qemu-v0, 1 spec-v1; two reserved bytes)
+then the message bytes up to its msg_size. tools/virtio-msg.lua decodes it in Wireshark.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import protocol
+from .bus import DEVICE_QUEUE_OFFSET, DRIVER_QUEUE_OFFSET, QUEUE_SIZE
+from .errors import ProtocolError, QueueCorrupt
+from .queue import HEAD_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, TAIL_OFFSET, queue_capacity
+
+__all__ = ["LINKTYPE_USER0", "LinkTap", "PcapWriter", "QueueTap", "Seen"]
+
+LINKTYPE_USER0 = 147
+DIRECTIONS = ("driver->device", "device->driver")
+
+
+class QueueTap:
+    """Observes one queue's new slots without writing anything.
+
+    Args:
+        region: the queue's bytes; read-only buffers are fine.
+        from_tail: start with the messages already in flight (else only new ones).
+    """
+
+    def __init__(self, region: memoryview | bytes, *, from_tail: bool = True) -> None:
+        view = memoryview(region).cast("B")
+        self._capacity = queue_capacity(len(view))
+        if self._capacity < 2:
+            raise ValueError(f"queue region of {len(view)} bytes holds fewer than 2 slots")
+        self._view = view
+        self._idx = view[:QUEUE_HEADER_SIZE].cast("I")
+        self.overruns = 0
+        if from_tail:
+            self._seen = self._load(TAIL_OFFSET // 4, "tail")
+        else:
+            self._seen = self._load(HEAD_OFFSET // 4, "head")
+
+    def _load(self, word: int, name: str) -> int:
+        value = self._idx[word]  # one aligned 32-bit load
+        if value >= self._capacity:
+            raise QueueCorrupt(name, value, self._capacity)
+        return value
+
+    def poll(self) -> list[bytes]:
+        """Copies of the slots published since the last poll, oldest first (64 bytes each).
+
+        Raises:
+            QueueCorrupt: the head index is out of range.
+        """
+        head = self._load(HEAD_OFFSET // 4, "head")
+        out = []
+        i = self._seen
+        while i != head:
+            off = QUEUE_HEADER_SIZE + i * SLOT_SIZE
+            out.append(bytes(self._view[off : off + SLOT_SIZE]))
+            i = i + 1 if i + 1 < self._capacity else 0
+        after = self._load(HEAD_OFFSET // 4, "head")
+        moved = (after - head) % self._capacity
+        # the producer wrote slots head..after-1 meanwhile; they overlap what we copied
+        # (seen..head-1) only if copied + moved exceeds the ring
+        if out and (head - self._seen) % self._capacity + moved > self._capacity:
+            self.overruns += 1  # the producer may have lapped into slots we were copying
+        self._seen = head
+        return out
+
+    def release(self) -> None:
+        self._idx.release()
+        self._view.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One message the tap saw."""
+
+    time: float
+    direction: int  # 0 driver->device, 1 device->driver
+    raw: bytes  # the whole 64-byte slot
+    message: protocol.Message | None  # None when it did not decode
+    error: str | None = None
+
+    def describe(self) -> str:
+        """One line: time, direction, type, fields."""
+        micros = int(self.time * 1e6) % 1_000_000
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time)) + f".{micros:06d}"
+        head = f"{stamp} {DIRECTIONS[self.direction]}"
+        msg = self.message
+        if msg is None:
+            return f"{head} MALFORMED {self.error} raw={self.raw[:16].hex()}"
+        fields = " ".join(
+            f"{k}={_show(v)}" for k, v in msg.payload_fields().items() if k not in ("raw",)
+        )
+        extra = f" dev_num={msg.dev_num}" if msg.dev_num else ""
+        extra += f" token={msg.token}" if msg.token else ""
+        return f"{head} {type(msg).__name__}{extra} {fields}".rstrip()
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.hex() or "''"
+    if isinstance(value, int) and value > 9:
+        return f"0x{value:x}"
+    return str(value)
+
+
+class LinkTap:
+    """Both queues of a link's BAR2, observed read-only."""
+
+    def __init__(self, shmem: memoryview | bytes, profile: str = "qemu-v0") -> None:
+        if profile not in protocol.PROFILES:
+            raise ValueError(f"unknown profile {profile!r}")
+        view = memoryview(shmem).cast("B")
+        self.profile = profile
+        self.taps = (
+            QueueTap(view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE]),
+            QueueTap(view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE]),
+        )
+
+    def poll(self) -> list[Seen]:
+        now = time.time()
+        out = []
+        for direction, tap in enumerate(self.taps):
+            for raw in tap.poll():
+                try:
+                    out.append(Seen(now, direction, raw, protocol.decode(raw, self.profile)))
+                except ProtocolError as exc:
+                    out.append(Seen(now, direction, raw, None, exc.reason))
+        return out
+
+    def follow(self, interval: float = 1e-4, duration: float | None = None) -> Iterator[Seen]:
+        """Poll every ``interval`` seconds, yielding what is seen, for ``duration`` seconds."""
+        end = None if duration is None else time.monotonic() + duration
+        while end is None or time.monotonic() < end:
+            yield from self.poll()
+            time.sleep(interval)
+
+    def release(self) -> None:
+        for tap in self.taps:
+            tap.release()
+
+
+class PcapWriter:
+    """Writes seen messages as a classic pcap file (LINKTYPE_USER0)."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        # magic, v2.4, thiszone, sigfigs, snaplen, linktype
+        header = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 4 + SLOT_SIZE, LINKTYPE_USER0)
+        stream.write(header)
+
+    def write(self, seen: Seen, profile: str) -> None:
+        hsize = protocol.HEADER_SIZE[profile]
+        size = int.from_bytes(seen.raw[hsize - 2 : hsize], "little")  # msg_size, untrusted
+        body = seen.raw[: min(max(size, hsize), len(seen.raw))]
+        record = bytes([seen.direction, protocol.PROFILES.index(profile), 0, 0]) + body
+        secs = int(seen.time)
+        self._stream.write(
+            struct.pack("<IIII", secs, int((seen.time - secs) * 1e6), len(record), len(record))
+        )
+        self._stream.write(record)
+        self._stream.flush()
