@@ -234,3 +234,35 @@ class ServerClientDevice(IvshmemDevice):
     @property
     def name(self) -> str:
         return f"ivshmem server {self._path} (peer {self._id})"
+
+
+def fetch_shared_memory(path: str | os.PathLike[str], timeout: float = 5.0) -> int:
+    """Connect to a server, take the shared-memory fd from its greeting, and hang up.
+
+    For observers (``ivshmem-bus monitor``): they need BAR2, not doorbells, and must not stay
+    a peer that ``--remote-vmid auto`` would count. The peers see it come and go.
+
+    Returns:
+        The shared-memory fd (the caller closes it).
+    """
+    path = os.fspath(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise ServerClientError(f"cannot connect to ivshmem server at {path}: {exc}") from exc
+        got: list[int] = []
+        try:
+            while len(got) < 3:  # version, own id, then -1 with the shm fd
+                data, fds, _flags, _addr = socket.recv_fds(sock, 8, 4)
+                if not data:
+                    raise ServerClientError(f"{path}: the server closed the connection")
+                got.append(int.from_bytes(data.ljust(8, b"\0"), "little", signed=True))
+                if len(got) == 3 and got[2] == -1 and len(fds) == 1:
+                    return fds[0]
+                for fd in fds:
+                    os.close(fd)
+        except TimeoutError as exc:
+            raise ServerClientError(f"{path}: no greeting from the server") from exc
+    raise ServerClientError(f"{path}: the greeting did not carry the shared memory")

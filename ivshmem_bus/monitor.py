@@ -98,8 +98,8 @@ class Seen:
     message: protocol.Message | None  # None when it did not decode
     error: str | None = None
 
-    def describe(self) -> str:
-        """One line: time, direction, type, fields."""
+    def describe(self, profile: str = "qemu-v0") -> str:
+        """One line: time, direction, type, the fields the profile carries."""
         micros = int(self.time * 1e6) % 1_000_000
         stamp = time.strftime("%H:%M:%S", time.localtime(self.time)) + f".{micros:06d}"
         head = f"{stamp} {DIRECTIONS[self.direction]}"
@@ -107,7 +107,7 @@ class Seen:
         if msg is None:
             return f"{head} MALFORMED {self.error} raw={self.raw[:16].hex()}"
         fields = " ".join(
-            f"{k}={_show(v)}" for k, v in msg.payload_fields().items() if k not in ("raw",)
+            f"{k}={_show(v)}" for k, v in protocol.wire_fields(msg, profile).items() if k != "raw"
         )
         extra = f" dev_num={msg.dev_num}" if msg.dev_num else ""
         extra += f" token={msg.token}" if msg.token else ""

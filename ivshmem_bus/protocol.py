@@ -107,6 +107,7 @@ __all__ = [
     "is_response",
     "response_class",
     "response_matches",
+    "wire_fields",
 ]
 
 PROFILES: Final = ("qemu-v0", "spec-v1")
@@ -428,6 +429,16 @@ def decode(data: bytes | bytearray | memoryview, profile: str = "qemu-v0") -> Me
         return layout.cls(**values, dev_num=dev_num, token=token)
     except (TypeError, ValueError) as exc:  # a combination the message class refuses
         raise ProtocolError(msg_id, str(exc)) from exc
+
+
+def wire_fields(msg: Message, profile: str = "qemu-v0") -> dict[str, object]:
+    """The payload fields ``profile`` carries for ``msg``, in wire order (for display)."""
+    _check_profile(profile)
+    layout = _BY_CLASS[profile].get(type(msg))
+    if layout is None:
+        return msg.payload_fields()
+    names = layout.names + ((layout.tail.field,) if layout.tail else ())
+    return {name: getattr(msg, name) for name in names}
 
 
 # --- Matching ------------------------------------------------------------------------------------
