@@ -10,7 +10,18 @@ Every message names the object, what was being done, and, where there is one, th
 
 from __future__ import annotations
 
-__all__ = ["IvshmemBusError", "ProtocolError", "QueueCorrupt"]
+__all__ = [
+    "BusClosed",
+    "BusError",
+    "BusTimeout",
+    "DeviceNotFound",
+    "IvshmemBusError",
+    "PciError",
+    "ProtocolError",
+    "QueueCorrupt",
+    "ServerClientError",
+    "VfioError",
+]
 
 
 class IvshmemBusError(Exception):
@@ -69,3 +80,70 @@ class BusClosed(BusError):
 
 class ServerClientError(IvshmemBusError):
     """The ivshmem server could not be reached, or spoke something other than its protocol."""
+
+
+class VfioError(IvshmemBusError, OSError):
+    """A VFIO system call (ioctl, open, mmap of a device node) failed; ``errno`` is kept.
+
+    Also an ``OSError``, so code that already handles ``OSError`` keeps working and
+    ``errno``/``strerror`` are where callers look for them (python-periphery's rule).
+    ``str()`` is one sentence: what was being done on which object, the errno's name, and the
+    fix when one is known, e.g. ``"VFIO_DEVICE_GET_REGION_INFO on /dev/vfio/7: EINVAL
+    (Invalid argument)"``.
+
+    Attributes:
+        errno: the errno value.
+        strerror: ``os.strerror(errno)``.
+        what: the operation and the object, as given by the caller.
+        fix: what to do about it, or ``None``.
+    """
+
+    def __init__(self, errno: int, what: str, fix: str | None = None) -> None:
+        # Local imports: this class is appended to a module whose imports stay untouched.
+        import errno as errno_names
+        import os
+
+        strerror = os.strerror(errno)
+        OSError.__init__(self, errno, strerror)
+        self.what = what
+        self.fix = fix
+        name = errno_names.errorcode.get(errno, f"errno {errno}")
+        self._message = f"{what}: {name} ({strerror})" + (f"; {fix}" if fix else "")
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> tuple[type[VfioError], tuple[int, str, str | None]]:
+        # OSError pickles as (errno, strerror), which would lose ``what``; keep all three.
+        return (type(self), (self.errno, self.what, self.fix))
+
+
+class PciError(IvshmemBusError):
+    """A PCI function could not be read, bound or unbound through sysfs.
+
+    Attributes:
+        errno: the OS errno when a system call failed, else ``None``.
+        path: the sysfs (or /dev) file involved, else ``None``.
+    """
+
+    def __init__(
+        self, message: str, *, errno: int | None = None, path: str | None = None
+    ) -> None:
+        self.errno = errno
+        self.path = path
+        super().__init__(message)
+
+
+class DeviceNotFound(PciError):
+    """No PCI function at that address (pyudev's DeviceNotFoundAtPathError, for PCI).
+
+    Attributes:
+        bdf: the address that was looked up.
+    """
+
+    def __init__(self, bdf: str, devices_dir: str = "/sys/bus/pci/devices") -> None:
+        self.bdf = bdf
+        super().__init__(
+            f"no PCI device {bdf} in {devices_dir}: check the address with `lspci -D`",
+            path=f"{devices_dir}/{bdf}",
+        )
