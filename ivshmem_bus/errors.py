@@ -10,6 +10,9 @@ Every message names the object, what was being done, and, where there is one, th
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+
 __all__ = [
     "BusClosed",
     "BusError",
@@ -20,6 +23,7 @@ __all__ = [
     "ProtocolError",
     "QueueCorrupt",
     "ServerClientError",
+    "ServerError",
     "VfioError",
 ]
 
@@ -99,15 +103,11 @@ class VfioError(IvshmemBusError, OSError):
     """
 
     def __init__(self, errno: int, what: str, fix: str | None = None) -> None:
-        # Local imports: this class is appended to a module whose imports stay untouched.
-        import errno as errno_names
-        import os
-
         strerror = os.strerror(errno)
         OSError.__init__(self, errno, strerror)
         self.what = what
         self.fix = fix
-        name = errno_names.errorcode.get(errno, f"errno {errno}")
+        name = _errno.errorcode.get(errno, f"errno {errno}")
         self._message = f"{what}: {name} ({strerror})" + (f"; {fix}" if fix else "")
 
     def __str__(self) -> str:
@@ -126,9 +126,7 @@ class PciError(IvshmemBusError):
         path: the sysfs (or /dev) file involved, else ``None``.
     """
 
-    def __init__(
-        self, message: str, *, errno: int | None = None, path: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, errno: int | None = None, path: str | None = None) -> None:
         self.errno = errno
         self.path = path
         super().__init__(message)
@@ -147,3 +145,17 @@ class DeviceNotFound(PciError):
             f"no PCI device {bdf} in {devices_dir}: check the address with `lspci -D`",
             path=f"{devices_dir}/{bdf}",
         )
+
+
+class ServerError(IvshmemBusError):
+    """The ivshmem server could not start or keep running (socket path, shared memory, OS).
+
+    Attributes:
+        path: the socket or shared-memory path concerned, or ``None``.
+        errno: the OS error number, or ``None`` when the OS did not fail.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None):
+        self.path = path
+        self.errno = errno
+        super().__init__(message)

@@ -1,0 +1,163 @@
+"""The server-backed commands as a user runs them: one process per shell, real entry point.
+
+server, serve, probe, ping and monitor each run as ``python -m ivshmem_bus`` subprocesses
+around one server socket in tmp_path; every background process is stopped by the fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ivshmem_bus", *args]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class Background:
+    """A command left running, with its output collected into a file."""
+
+    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
+        self.out = tmp_path / f"{name}.log"
+        self._file = self.out.open("w")
+        self.proc = subprocess.Popen(
+            cli(*args), stdout=self._file, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
+
+    def wait_for(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.out.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not seen; output:\n{self.out.read_text()}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self._file.close()
+        return rc
+
+
+@pytest.fixture
+def fabric(tmp_path):
+    """A running server and a serving rng device; yields the socket path."""
+    sock = tmp_path / "ivshmem.sock"
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "2")
+    serve = None
+    try:
+        server.wait_for("ivshmem server on")
+        serve = Background(tmp_path, "serve", "serve", "--server", str(sock), "--vectors", "2")
+        serve.wait_for("waiting for the driver's peer")
+        yield sock, server, serve
+    finally:
+        if serve is not None:
+            serve.stop(signal.SIGINT)
+        server.stop()
+
+
+def test_probe_json_through_a_server(fabric):
+    sock, _, serve = fabric
+    out = run("probe", "--server", str(sock), "--vectors", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["remote_vmid"] == 0 and doc["vmid"] == 1
+    assert (doc["device_id"], doc["device_name"]) == (4, "entropy")
+    assert doc["feature_names"] == ["VERSION_1"]
+    assert doc["queues"] == [{"index": 0, "max_size": 1024}]
+    serve.wait_for("serving virtio rng (id 4) to vmid 1")
+
+
+def test_ping_statistics_and_exit_code(fabric):
+    sock, _, _ = fabric
+    out = run("ping", "--server", str(sock), "--vectors", "2", "-c", "3", "-i", "0.01")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("PING vmid 0 from vmid 1 over ivshmem server")
+    assert [line.split(" time=")[0] for line in lines[1:4]] == [
+        f"reply from vmid 0: seq={i}" for i in (1, 2, 3)
+    ]
+    assert "3 requests sent, 3 replies received, 0% loss" in lines
+
+
+def test_serve_prints_status_changes_and_stops_cleanly(fabric, tmp_path):
+    sock, server, serve = fabric
+    from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.client import ServerClientDevice
+    from ivshmem_bus.transport import VirtioMsgDriver
+
+    with ServerClientDevice(sock, vectors=2) as dev, VirtioMsgBus(dev, "driver", 0) as bus:
+        VirtioMsgDriver(bus, timeout=5).initialize()
+    serve.wait_for("driver status ACKNOWLEDGE|DRIVER|FEATURES_OK -> ACKNOWLEDGE|DRIVER|DRIVER_OK")
+    assert serve.stop(signal.SIGINT) == 0
+    assert "stopped after" in serve.out.read_text()
+    assert server.stop() == 0
+    log = server.out.read_text()
+    assert "peer 0 connected" in log and "peer 1 connected" in log
+    assert not sock.exists()  # the server removed its socket
+
+
+def test_monitor_sees_the_traffic_and_leaves_it_unchanged(fabric, tmp_path):
+    sock, _, _ = fabric
+    pcap = tmp_path / "cap.pcap"
+    mon = Background(
+        tmp_path, "monitor", "monitor", "--server", str(sock), "--count", "6",
+        "--pcap", str(pcap),
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # the monitor has taken BAR2 and hung up
+        out = run("ping", "--server", str(sock), "--vectors", "2", "-c", "3", "-i", "0.01")
+        assert out.returncode == 0, out.stdout + out.stderr  # the link works as without it
+        assert mon.proc.wait(10) == 0
+    finally:
+        mon.stop()
+    lines = mon.out.read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "driver->device GetDeviceStatus",
+        "device->driver GetDeviceStatusResponse status=0",
+    ] * 3
+    assert pcap.stat().st_size == 24 + 3 * (16 + 4 + 6) + 3 * (16 + 4 + 10)
+
+
+def test_auto_remote_with_no_other_peer_is_an_error(tmp_path):
+    sock = tmp_path / "s.sock"
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M")
+    try:
+        server.wait_for("ivshmem server on")
+        out = run("probe", "--server", str(sock))
+        assert out.returncode == 1
+        assert "no other peer is connected" in out.stderr
+    finally:
+        server.stop()
+
+
+def test_errors_name_the_fix_and_bad_usage_exits_2(tmp_path):
+    out = run("probe", "--server", str(tmp_path / "none.sock"))
+    assert out.returncode == 1
+    assert "start one with 'ivshmem-bus server -S" in out.stderr
+    out = run("probe", "--server", str(tmp_path / "none.sock"), "--remote-vmid", "70000")
+    assert out.returncode == 2 and "not a VMID" in out.stderr
+    out = run("server", "-S", str(tmp_path / "x.sock"), "-l", "3M")
+    assert out.returncode == 2 and "not a power of two" in out.stderr
+    out = run("probe")
+    assert (
+        out.returncode == 2 and "one of the arguments --server --device is required" in out.stderr
+    )
+    assert not os.path.exists(tmp_path / "x.sock")
