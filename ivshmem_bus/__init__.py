@@ -4,10 +4,10 @@ This module only re-exports. Reading order: ``cli`` -> ``bus`` -> ``device`` -> 
 ``protocol`` (the sans-I/O core, which imports nothing from the I/O edge).
 """
 
+__version__ = "0.1.0"  # first: _ffi stamps the compiled helper with it
+
 from .errors import IvshmemBusError, ProtocolError, QueueCorrupt
 from .queue import SLOT_SIZE, SpscQueue
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SLOT_SIZE",

@@ -1,0 +1,295 @@
+"""The one door to C: the VFIO declarations, ioctl with its errno funnel, MMIO words, fences.
+
+The only module that imports the compiled helper ``ivshmem_bus._helper`` (cryptography's
+``binding.py`` role). Everything else uses the names here and never cares which path runs:
+
+========================  ==========================================  ===========================
+                          compiled helper (``HAVE_COMPILED``)          fallback (no compiler)
+========================  ==========================================  ===========================
+``ioctl``                 ``ivb_ioctl_int`` / ``ivb_ioctl_ptr``       libc ``ioctl`` (ABI mode)
+``read32`` / ``write32``  ``ivb_read32`` / ``ivb_write32`` (volatile)  ``memoryview.cast("I")``
+``fence``                 ``__atomic_thread_fence(SEQ_CST)``          no-op on x86 (TSO), else
+                                                                      a no-op and a warning
+========================  ==========================================  ===========================
+
+Both paths make exactly one aligned 32-bit access per word, measured with watchpoints (see
+../shared/spec/vfio-notes.md): ``struct.pack_into``, slice assignment and cffi ABI-mode
+``p[0] = v`` make two, which rings a doorbell twice. So the fallback is correct on x86-64,
+just slower; the first time any fallback runs, the reason the helper is absent is logged once
+on the ``ivshmem_bus`` logger (at run time, not import time, so it reaches the application's
+logging configuration).
+
+``ffi`` is always ABI mode, parsed from ``cdefs/vfio.h`` (package data) with no compiler, so
+struct and constant names are the same with or without the helper; ``lib`` is libc opened
+through it and carries the constants (``lib.VFIO_DEVICE_GET_INFO``). A helper built for
+another package version is refused (an ``ImportError`` inside, then treated as absent).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+from . import __version__
+from .errors import VfioError
+
+__all__ = ["HAVE_COMPILED", "fence", "ffi", "ioctl", "lib", "read32", "write32"]
+
+log = logging.getLogger("ivshmem_bus")
+
+CDEFS = Path(__file__).resolve().parent / "cdefs"
+
+ffi = cffi.FFI()
+ffi.cdef((CDEFS / "vfio.h").read_text())
+lib: Any = ffi.dlopen(None)  # libc and the process: ioctl, plus every #define of vfio.h
+
+_U64_MAX = (1 << 64) - 1
+_U32_MAX = (1 << 32) - 1
+
+# CPUs whose plain loads and stores already give acquire/release ordering (TSO).
+_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+_TSO = platform.machine().lower() in _TSO_MACHINES
+
+
+# Loading the compiled helper -------------------------------------------------------------
+
+
+def _import_helper() -> Any:
+    """The helper's ``lib``; ImportError if it is not built or was built for another version."""
+    try:
+        _helper = importlib.import_module(f"{__package__}._helper")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._helper":
+            raise
+        raise ImportError(
+            "ivshmem_bus._helper is not built (no C compiler at install time?): install gcc "
+            "and reinstall ivshmem-bus to build it"
+        ) from None
+
+    try:
+        built_for = _helper.ffi.string(_helper.lib.IVB_HELPER_VERSION).decode()
+    except AttributeError:
+        built_for = "an unknown version"
+    if built_for != __version__:
+        # A .so left in the tree by an older build: its C may not match this Python.
+        raise ImportError(
+            f"stale compiled helper {_helper.__file__}: built for {built_for}, the package is "
+            f"{__version__}; rebuild it (pip install . or python tools/build_helper.py)"
+        )
+    return _helper.lib
+
+
+try:
+    _lib: Any = _import_helper()
+    _MISSING_REASON: str | None = None
+except ImportError as exc:
+    _lib = None
+    _MISSING_REASON = str(exc)
+# Not built is a supported configuration (info); a stale build is a mistake to fix (warning).
+_MISSING_LEVEL = logging.WARNING if "stale" in (_MISSING_REASON or "") else logging.INFO
+
+HAVE_COMPILED: bool = _lib is not None
+"""True when the compiled helper is in use; False means the fallbacks (see the module doc)."""
+
+_logged_missing = False
+_logged_no_fence = False
+
+
+def _note_fallback() -> None:
+    """Log, once per process, that a fallback runs and why the helper is missing."""
+    global _logged_missing
+    if not _logged_missing:
+        _logged_missing = True
+        log.log(
+            _MISSING_LEVEL,
+            "compiled helper not in use, so ioctl, 32-bit register words and fences use the "
+            "pure-Python fallbacks: %s",
+            _MISSING_REASON or "disabled",
+        )
+
+
+# ioctl: the single errno funnel ---------------------------------------------------------
+
+
+@contextmanager
+def _pointer(arg: Any) -> Iterator[Any]:
+    """``arg`` as a C pointer: cdata as is; a writable buffer as a pointer to its first byte.
+
+    Read-only buffers (``bytes``) are refused with TypeError: the kernel writes into most VFIO
+    arguments, and writing into an immutable ``bytes`` corrupts it (the fcntl.ioctl trap in
+    vfio-notes.md). The buffer stays exported only for the ``with`` block, so an mmap can be
+    closed afterwards.
+    """
+    if isinstance(arg, ffi.CData):
+        yield arg
+        return
+    with _from_buffer(arg, writable=True, op="ioctl argument") as buf:
+        yield buf
+
+
+def _from_buffer(buf: Any, *, writable: bool, op: str) -> Any:
+    """``ffi.from_buffer``, with a read-only buffer reported as the caller's TypeError."""
+    try:
+        return ffi.from_buffer(buf, require_writable=writable)
+    except BufferError:
+        raise TypeError(
+            f"{op}: {type(buf).__name__} buffer is read-only; pass a writable one "
+            f"(bytearray, writable mmap or memoryview)"
+        ) from None
+
+
+def ioctl(fd: int, request: int, arg: Any, *, what: str) -> int:
+    """Call ioctl(2) and turn a failure into ``VfioError``, keeping errno.
+
+    Every ioctl of the package goes through here, so every failure names its operation.
+
+    Args:
+        fd: an open file descriptor (container, group or device).
+        request: the ioctl number, e.g. ``lib.VFIO_DEVICE_GET_REGION_INFO``.
+        arg: an ``int`` passed by value (0 for "no argument"); or a pointer: a cdata (e.g.
+            ``ffi.new("struct vfio_region_info *")``) or a writable buffer (``bytearray``,
+            writable ``memoryview``, ``mmap``), passed as a pointer to its first byte.
+        what: the operation and the object for the error message, e.g.
+            ``"VFIO_DEVICE_GET_REGION_INFO on /dev/vfio/7"``.
+
+    Returns:
+        The ioctl's non-negative return value (the new fd for ``VFIO_GROUP_GET_DEVICE_FD``).
+
+    Raises:
+        VfioError: the ioctl returned -1; ``.errno`` is the kernel's errno.
+        ValueError: an ``int`` ``request`` or ``arg`` outside 0 .. 2**64 - 1.
+        TypeError: ``arg`` is neither an int, a cdata nor a writable buffer.
+    """
+    if not 0 <= request <= _U64_MAX:
+        raise ValueError(f"ioctl request {request} is not an unsigned long")
+    if isinstance(arg, int) and not 0 <= arg <= _U64_MAX:
+        raise ValueError(f"ioctl integer argument {arg} is not an unsigned long")
+    if _lib is not None:
+        if isinstance(arg, int):
+            rc = _lib.ivb_ioctl_int(fd, request, arg)
+            err = ffi.errno  # cffi saved errno right after the call; read before any other
+        else:
+            with _pointer(arg) as ptr:
+                rc = _lib.ivb_ioctl_ptr(fd, request, ptr)
+                err = ffi.errno
+    else:
+        _note_fallback()
+        # libc's ioctl is variadic: ABI mode needs every variadic argument as a typed cdata.
+        if isinstance(arg, int):
+            rc = lib.ioctl(fd, request, ffi.cast("unsigned long", arg))
+            err = ffi.errno
+        else:
+            with _pointer(arg) as ptr:
+                rc = lib.ioctl(fd, request, ffi.cast("void *", ptr))
+                err = ffi.errno
+    if rc < 0:
+        raise VfioError(err, what)
+    return int(rc)
+
+
+# 32-bit words in mapped memory ----------------------------------------------------------
+
+
+def _check_word(ptr: Any, off: int, op: str) -> None:
+    """ValueError unless ``off`` names a whole, 4-byte-aligned word inside the buffer."""
+    size = len(ptr)
+    if not 0 <= off <= size - 4:
+        raise ValueError(f"{op}: offset {off} is outside the {size}-byte buffer (0..{size - 4})")
+    address = int(ffi.cast("uintptr_t", ptr)) + off
+    if address % 4:
+        raise ValueError(f"{op}: offset {off} (address 0x{address:x}) is not 4-byte aligned")
+
+
+def read32(buf: Any, off: int) -> int:
+    """Read the native-endian 32-bit word at byte ``off`` with exactly one aligned load.
+
+    Args:
+        buf: a C-contiguous buffer: a memoryview of an mmap'd BAR, an ``mmap``, a bytearray.
+        off: byte offset of the word; a multiple of 4 from a 4-byte-aligned address.
+
+    Returns:
+        The word, 0 .. 2**32 - 1 (native byte order: little-endian, like PCI, on x86-64).
+
+    Raises:
+        ValueError: the word is not wholly inside ``buf`` or is not 4-byte aligned.
+        TypeError: ``buf`` is not a contiguous buffer.
+    """
+    with _from_buffer(buf, writable=False, op="read32") as ptr:
+        _check_word(ptr, off, "read32")
+        if _lib is not None:
+            return int(_lib.ivb_read32(ptr, off))
+    _note_fallback()
+    # memoryview.cast("I") item access is one 4-byte load (measured); the with blocks drop
+    # the buffer exports at once, so an mmap can be closed right after.
+    with memoryview(buf) as raw, raw.cast("B") as view, view[off : off + 4].cast("I") as word:
+        return int(word[0])
+
+
+def write32(buf: Any, off: int, value: int) -> None:
+    """Write the native-endian 32-bit word at byte ``off`` with exactly one aligned store.
+
+    One store matters: QEMU's ivshmem matches a doorbell on the whole 32-bit value, and a
+    split store rings (or mis-rings) twice.
+
+    Args:
+        buf: a writable C-contiguous buffer (memoryview of an mmap'd BAR, ``mmap``, bytearray).
+        off: byte offset of the word; a multiple of 4 from a 4-byte-aligned address.
+        value: 0 .. 2**32 - 1.
+
+    Raises:
+        ValueError: ``value`` does not fit 32 bits, or the word is outside ``buf`` or not
+            4-byte aligned.
+        TypeError: ``buf`` is read-only or not a contiguous buffer.
+    """
+    if not 0 <= value <= _U32_MAX:
+        raise ValueError(f"write32: value {value} does not fit in 32 bits")
+    with _from_buffer(buf, writable=True, op="write32") as ptr:
+        _check_word(ptr, off, "write32")
+        if _lib is not None:
+            _lib.ivb_write32(ptr, off, value)
+            return
+    _note_fallback()
+    with memoryview(buf) as raw, raw.cast("B") as view, view[off : off + 4].cast("I") as word:
+        word[0] = value
+
+
+# Memory barriers ------------------------------------------------------------------------
+
+
+def fence() -> None:
+    """A full memory barrier (loads and stores on both sides stay on their side).
+
+    For shared-memory queues on weakly ordered CPUs (aarch64); pass it as
+    ``SpscQueue(region, fence=fence)``.
+
+    Without the compiled helper: on x86 (TSO) the CPU keeps loads in order, stores in order
+    and loads before later stores; only a store followed by a load of another address may
+    pass it. The SPSC queues need acquire and release only, which TSO gives, and CPython
+    performs each copy and index access in separate C calls the compiler cannot reorder; so
+    the fallback is a no-op there, though not a StoreLoad fence. Elsewhere there is no safe
+    pure-Python barrier: it is a no-op and a warning is logged once.
+    """
+    if _lib is not None:
+        _lib.ivb_fence_full()
+        return
+    _note_fallback()
+    if not _TSO:
+        _warn_no_fence()
+
+
+def _warn_no_fence() -> None:
+    global _logged_no_fence
+    if not _logged_no_fence:
+        _logged_no_fence = True
+        log.warning(
+            "no memory barrier on %s without the compiled helper: shared-memory queues may "
+            "see stale data; install a C compiler and reinstall ivshmem-bus",
+            platform.machine(),
+        )
