@@ -30,7 +30,7 @@ def open_backend(
         raise ValueError("name exactly one backend: --server PATH or --device BDF")
     if server is not None:
         return ServerClientDevice(server, vectors=vectors, timeout=timeout)
-    from .vfio_device import open_device  # the VFIO edge, only when asked for
+    from .device import open_device
 
     return open_device(device)
 

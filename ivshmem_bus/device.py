@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from .regs import Bar0, doorbell_value
 
-__all__ = ["IvshmemDevice"]
+__all__ = ["IvshmemDevice", "open_device"]
 
 
 class IvshmemDevice(abc.ABC):
@@ -118,3 +118,13 @@ def _read_eventfd(fd: int) -> int:
         return int.from_bytes(os.read(fd, 8), "little")
     except BlockingIOError:
         return 0
+
+
+def open_device(bdf: str, **kwargs) -> IvshmemDevice:
+    """Open the VFIO-bound ivshmem function ``bdf`` (see ``vfio_device.open_device``).
+
+    Imported lazily: the core and the fake backend never load the VFIO edge.
+    """
+    from .vfio_device import open_device as _open_vfio
+
+    return _open_vfio(bdf, **kwargs)

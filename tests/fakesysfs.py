@@ -225,7 +225,8 @@ class FakeSysfs:
         os.symlink(f"../../../bus/pci/drivers/{name}", self.dev_dir(bdf) / "driver")
 
     def _set_group(self, bdf: str, group: int) -> None:
-        (self.root / "kernel/iommu_groups" / str(group) / "devices").mkdir(
-            parents=True, exist_ok=True
-        )
+        members = self.root / "kernel/iommu_groups" / str(group) / "devices"
+        members.mkdir(parents=True, exist_ok=True)
+        # as in real sysfs: the group lists its members as links to the devices
+        os.symlink(f"../../../../devices/pci0000:00/{bdf}", members / bdf)
         os.symlink(f"../../../kernel/iommu_groups/{group}", self.dev_dir(bdf) / "iommu_group")

@@ -1,0 +1,188 @@
+"""The VFIO backend of the device interface: a real ivshmem function inside a guest.
+
+``open_device(bdf)`` does it all in one call, in this order (each step's reason beside it):
+
+1. sysfs: the function exists, is ivshmem (1af4:1110), and vfio-pci owns it; otherwise the
+   error names the command that fixes it (``ivshmem-bus bind BDF [--noiommu]``);
+2. VFIO: container, group (``/dev/vfio/N``, else ``/dev/vfio/noiommu-N``), device fd;
+3. BAR0: mmap'd when the region allows it, else 4-byte pread/pwrite (ivshmem's 256-byte BAR0
+   usually has no MMAP flag): every register access stays one 32-bit access either way;
+4. BAR2: mmap'd MAP_SHARED: the shared memory;
+5. doorbells in: MSI-X (index 2) when the device has vectors: bus mastering on first
+   (vfio-pci leaves it off and QEMU would drop every MSI), then one eventfd per vector, all in
+   one SET_IRQS; without MSI-X, INTx (index 0) with IntrMask set, IntrStatus read to clear it
+   and an unmask after each interrupt.
+
+Doorbells rung before step 5 are lost (QEMU under TCG, vfio-notes.md): the bus looks at its
+queue periodically, so nothing waits on one. Closing goes in reverse: IRQs off, eventfds,
+munmap, device fd, group, container.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import _ffi, pci
+from ._ffi import lib
+from .device import IvshmemDevice
+from .errors import PciError, VfioError
+from .regs import Bar0, MmapWords, PreadWords
+from .vfio import Container, Device, Group
+
+__all__ = ["VfioIvshmemDevice", "open_device"]
+
+
+class VfioIvshmemDevice(IvshmemDevice):
+    """An ivshmem PCI function opened through VFIO. Use ``open_device``."""
+
+    def __init__(
+        self,
+        bdf: str,
+        group_path: str,
+        *,
+        container_path: str = "/dev/vfio/vfio",
+        sysfs: str = "/sys",
+        ioctl=_ffi.ioctl,
+    ) -> None:
+        self._bdf = bdf
+        self._container: Container | None = None
+        self._group: Group | None = None
+        self._device: Device | None = None
+        self._eventfds: list[int] = []
+        self._intx = False
+        self._shm_view: memoryview | None = None
+        self._bar0_words: MmapWords | None = None
+        try:
+            self._open(group_path, container_path, sysfs, ioctl)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, group_path: str, container_path: str, sysfs: str, ioctl) -> None:
+        self._container = Container(container_path, ioctl=ioctl)
+        self._group = Group(group_path, self._container, ioctl=ioctl, sysfs=sysfs)
+        dev = self._device = self._group.device(self._bdf)
+        bar0 = dev.region_info(lib.VFIO_PCI_BAR0_REGION_INDEX)
+        if bar0.mappable:
+            self._bar0_words = MmapWords(dev.map_region(bar0))
+            self.regs = Bar0(self._bar0_words)
+        else:
+            self.regs = Bar0(PreadWords(dev.fd, bar0.offset, bar0.size))
+        bar2 = dev.region_info(lib.VFIO_PCI_BAR2_REGION_INDEX)
+        if not bar2.size:
+            raise PciError(f"{self._bdf}: BAR2 is empty: is this ivshmem with a memory backend?")
+        self._shm_view = memoryview(dev.map_region(bar2))
+        msix = dev.irq_info(lib.VFIO_PCI_MSIX_IRQ_INDEX)
+        if msix.count:
+            dev.enable_bus_master()  # before MSI-X, or QEMU drops every MSI
+            self._eventfds = [_eventfd() for _ in range(msix.count)]
+            dev.set_eventfds(lib.VFIO_PCI_MSIX_IRQ_INDEX, self._eventfds)  # one call
+        else:
+            intx = dev.irq_info(lib.VFIO_PCI_INTX_IRQ_INDEX)
+            if not intx.count:
+                raise PciError(f"{self._bdf}: neither MSI-X nor INTx: doorbells cannot arrive")
+            self._intx = True
+            self._eventfds = [_eventfd()]
+            dev.set_eventfds(lib.VFIO_PCI_INTX_IRQ_INDEX, self._eventfds)
+            self.regs.intr_mask = 0xFFFFFFFF  # as QEMU's ivshmem bus does
+
+    # Device interface -----------------------------------------------------------------------------
+
+    def _ring(self, peer: int, vector: int) -> None:
+        self.regs.ring(peer, vector)  # the one 32-bit store is the doorbell
+
+    def vector_fds(self) -> Sequence[int]:
+        return self._eventfds
+
+    def wait(self, timeout: float | None) -> set[int]:
+        fired = super().wait(timeout)
+        if fired and self._intx:
+            self.regs.read_intr_status()  # read-to-clear lowers INTx
+            if self._device is not None:
+                self._device.unmask()  # INTx is automasked after each interrupt
+        return fired
+
+    def close(self) -> None:
+        """IRQs off, eventfds, munmap, device fd, group, container. Idempotent."""
+        if self._shm_view is not None:
+            self._shm_view.release()
+            self._shm_view = None
+        if self._bar0_words is not None:
+            self._bar0_words.release()
+            self._bar0_words = None
+        if self._device is not None:
+            self._device.close()  # disables the IRQs it set, munmaps, closes the fd
+            self._device = None
+        fds, self._eventfds = self._eventfds, []
+        for fd in fds:
+            os.close(fd)
+        for attr in ("_group", "_container"):
+            obj = getattr(self, attr)
+            setattr(self, attr, None)
+            if obj is not None:
+                obj.close()
+
+    @property
+    def shmem(self) -> memoryview:
+        if self._shm_view is None:
+            raise ValueError(f"{self._bdf} is closed")
+        return self._shm_view
+
+    @property
+    def name(self) -> str:
+        return self._bdf
+
+    @property
+    def uses_intx(self) -> bool:
+        return self._intx
+
+
+def _eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def open_device(
+    bdf: str,
+    *,
+    sysfs: str = "/sys",
+    dev: str = "/dev",
+    ioctl=_ffi.ioctl,
+) -> VfioIvshmemDevice:
+    """Find, check and open the ivshmem function ``bdf`` through VFIO, IRQs wired.
+
+    Raises:
+        ValueError: ``bdf`` is not a PCI address.
+        DeviceNotFound: no such function.
+        PciError: not ivshmem, or not bound to vfio-pci (the message names the bind command).
+        VfioError: a VFIO step failed (the message names the ioctl or node and the fix).
+    """
+    bdf = pci.normalize_bdf(bdf)
+    fn = pci.get_function(bdf, root=sysfs)
+    if not fn.is_ivshmem:
+        raise PciError(
+            f"{bdf} is {fn.vendor:04x}:{fn.device:04x}, not an ivshmem device (1af4:1110)"
+        )
+    if fn.driver != pci.VFIO_PCI:
+        owner = f"bound to {fn.driver}" if fn.driver else "not bound to any driver"
+        flag = "" if fn.iommu_group is not None else " --noiommu"
+        raise PciError(
+            f"{bdf} is {owner}, not vfio-pci: run 'ivshmem-bus bind {bdf}{flag}' first (root)"
+        )
+    vfio = Path(dev) / "vfio"
+    if fn.iommu_group is None:
+        raise VfioError(
+            errno.ENOENT, f"{bdf}: no IOMMU group", fix=f"run 'ivshmem-bus bind {bdf} --noiommu'"
+        )
+    for node in (vfio / str(fn.iommu_group), vfio / f"noiommu-{fn.iommu_group}"):
+        if node.exists():
+            return VfioIvshmemDevice(
+                bdf, str(node), container_path=str(vfio / "vfio"), sysfs=sysfs, ioctl=ioctl
+            )
+    raise VfioError(
+        errno.ENOENT,
+        f"{bdf}: no node for IOMMU group {fn.iommu_group} under {vfio}",
+        fix=f"bind it again with 'ivshmem-bus bind {bdf}'",
+    )

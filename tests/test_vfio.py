@@ -1,0 +1,303 @@
+"""VFIO without hardware: an injected ioctl layer plays the kernel.
+
+FakeKernel answers each ioctl by writing raw bytes at the offsets given in the spec's struct
+table (vfio-notes.md: region_info = argsz, flags, index, cap_offset, u64 size, u64 offset;
+irq_set = argsz, flags, index, start, count, data @20 ...), independent of our cdefs; ioctl
+numbers are the table's literals. A regular file stands in for the device fd, so pread,
+pwrite and mmap at region offsets are real.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+
+import pytest
+
+from ivshmem_bus.errors import DeviceNotFound, IvshmemBusError, PciError, VfioError
+from ivshmem_bus.vfio import Container, Group
+from ivshmem_bus.vfio_device import open_device
+
+from .fakesysfs import FakeSysfs
+
+GET_API_VERSION, CHECK_EXTENSION, SET_IOMMU = 0x3B64, 0x3B65, 0x3B66
+GROUP_GET_STATUS, GROUP_SET_CONTAINER, GROUP_GET_DEVICE_FD = 0x3B67, 0x3B68, 0x3B6A
+DEVICE_GET_INFO, GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS = 0x3B6B, 0x3B6C, 0x3B6D, 0x3B6E
+READ, WRITE, MMAP, CAPS = 1, 2, 4, 8
+BDF = "0000:00:04.0"
+BAR0_OFF, BAR2_OFF, CONFIG_OFF, BAR1_OFF = 0x0, 0x10000, 0x20000, 0x30000
+BAR2_SIZE = 0x4000
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+class FakeKernel:
+    def __init__(self, tmp_path, *, msix=2, viable=True, bar0_mmap=False, sparse=()):
+        self.path = tmp_path / "device-fd"
+        data = bytearray(0x31000)
+        data[BAR0_OFF + 8 : BAR0_OFF + 12] = (46).to_bytes(4, "little")  # IVPosition
+        data[CONFIG_OFF + 4 : CONFIG_OFF + 6] = (0x0002).to_bytes(2, "little")  # memory on
+        self.path.write_bytes(bytes(data))
+        self.msix, self.viable, self.sparse = msix, viable, sparse
+        self.regions = {
+            0: (READ | WRITE | (MMAP if bar0_mmap else 0), 256, BAR0_OFF),
+            1: (READ | WRITE | (CAPS if sparse else 0), 0x1000, BAR1_OFF),
+            2: (READ | WRITE | MMAP, BAR2_SIZE, BAR2_OFF),
+            7: (READ | WRITE, 256, CONFIG_OFF),
+        }
+        self.calls: list[tuple[int, object]] = []
+        self.irq_fds: dict[int, list[int]] = {}
+        self.device_fds: list[int] = []
+
+    def __call__(self, fd, request, arg, *, what):
+        assert isinstance(what, str) and what
+        self.calls.append((request, arg if isinstance(arg, int) else bytes(arg)))
+        if request == GET_API_VERSION:
+            return 0
+        if request == CHECK_EXTENSION:
+            return 1 if arg in (1, 3) else 0
+        if request == SET_IOMMU:
+            return 0
+        if request == GROUP_GET_STATUS:
+            struct.pack_into("<I", arg, 4, 1 if self.viable else 0)
+            return 0
+        if request == GROUP_SET_CONTAINER:
+            return 0
+        if request == GROUP_GET_DEVICE_FD:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self.device_fds.append(fd)
+            return fd
+        if request == DEVICE_GET_INFO:
+            struct.pack_into("<III", arg, 4, 0x3, 9, 5)  # flags RESET|PCI, regions, irqs
+            return 0
+        if request == GET_REGION_INFO:
+            return self._region(arg)
+        if request == GET_IRQ_INFO:
+            index = struct.unpack_from("<I", arg, 8)[0]
+            count = {2: self.msix, 0: 1}.get(index, 0)
+            struct.pack_into("<II", arg, 4, 0x1 | (0x8 if index == 2 else 0x6), index)
+            struct.pack_into("<I", arg, 12, count)
+            return 0
+        if request == SET_IRQS:
+            _argsz, flags, index, _start, count = struct.unpack_from("<IIIII", arg)
+            if flags & 0x4:  # DATA_EVENTFD
+                self.irq_fds[index] = list(struct.unpack_from(f"<{count}i", arg, 20))
+            return 0
+        raise OSError(errno.ENOTTY, "unexpected ioctl")
+
+    def _region(self, arg):
+        argsz, _, index = struct.unpack_from("<III", arg)
+        flags, size, offset = self.regions.get(index, (0, 0, 0))
+        cap = b""
+        if flags & CAPS:
+            cap = struct.pack("<HHIII", 1, 1, 0, len(self.sparse), 0) + b"".join(
+                struct.pack("<QQ", o, s) for o, s in self.sparse
+            )
+        if cap and argsz < 32 + len(cap):  # too small: raise argsz, cap_offset 0, success
+            struct.pack_into("<IIIIQQ", arg, 0, 32 + len(cap), flags, index, 0, size, offset)
+            return 0
+        struct.pack_into("<IIIIQQ", arg, 0, argsz, flags, index, 32 if cap else 0, size, offset)
+        arg[32 : 32 + len(cap)] = cap
+        return 0
+
+    def requests(self):
+        return [r for r, _ in self.calls]
+
+    def file(self, offset, size):
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+@pytest.fixture
+def sysfs(tmp_path):
+    fake = FakeSysfs(tmp_path / "sys", tmp_path / "dev")
+    fake.add_device(BDF, driver="vfio-pci", iommu_group=7)
+    vfio = tmp_path / "dev" / "vfio"
+    vfio.mkdir(exist_ok=True)
+    (vfio / "vfio").touch()
+    (vfio / "7").touch()
+    return fake
+
+
+def opened(tmp_path, kernel):
+    return open_device(BDF, sysfs=str(tmp_path / "sys"), dev=str(tmp_path / "dev"), ioctl=kernel)
+
+
+def test_open_sequence_bus_master_before_msix_and_one_set_irqs(tmp_path, sysfs):
+    kernel = FakeKernel(tmp_path)
+    with opened(tmp_path, kernel) as dev:
+        reqs = kernel.requests()
+        assert reqs[:6] == [
+            GET_API_VERSION, GROUP_GET_STATUS, GROUP_SET_CONTAINER, CHECK_EXTENSION, SET_IOMMU,
+            GROUP_GET_DEVICE_FD,
+        ]  # fmt: skip
+        assert kernel.calls[4] == (SET_IOMMU, 3)  # TYPE1v2 where the container has it
+        assert kernel.calls[5][1] == BDF.encode() + b"\0"
+        # bus mastering is set (config region read) before MSI-X is enabled
+        assert reqs.index(SET_IRQS) > max(
+            i for i, (r, a) in enumerate(kernel.calls) if r == GET_REGION_INFO and a[8] == 7
+        )
+        assert int.from_bytes(kernel.file(CONFIG_OFF + 4, 2), "little") == 0x0006
+        set_irqs = [a for r, a in kernel.calls if r == SET_IRQS]
+        assert len(set_irqs) == 1  # every vector in one call
+        argsz, flags, index, start, count = struct.unpack_from("<IIIII", set_irqs[0])
+        assert (argsz, flags, index, start, count) == (28, 0x24, 2, 0, 2)
+        assert kernel.irq_fds[2] == list(dev.vector_fds())
+        assert dev.vectors == 2
+
+
+def test_registers_are_single_4_byte_accesses_and_bar2_is_shared(tmp_path, sysfs, monkeypatch):
+    kernel = FakeKernel(tmp_path)
+    with opened(tmp_path, kernel) as dev:
+        writes = []
+        real = os.pwrite
+        monkeypatch.setattr(
+            os, "pwrite", lambda f, d, o: writes.append((bytes(d), o)) or real(f, d, o)
+        )
+        assert dev.vmid == 46
+        dev.ring(0x2E, 1)
+        assert writes == [(bytes([1, 0, 0x2E, 0]), BAR0_OFF + 0x0C)]
+        dev.shmem[0:4] = b"ping"
+        assert len(dev.shmem) == BAR2_SIZE
+        monkeypatch.undo()
+    assert kernel.file(BAR2_OFF, 4) == b"ping"
+
+
+def test_wait_reports_the_vector_whose_eventfd_fired(tmp_path, sysfs):
+    kernel = FakeKernel(tmp_path)
+    with opened(tmp_path, kernel) as dev:
+        os.eventfd_write(kernel.irq_fds[2][1], 1)  # the "kernel" signals MSI-X vector 1
+        assert dev.wait(1.0) == {1}
+        assert dev.wait(0) == set()
+
+
+def test_close_disables_irqs_and_closes_everything(tmp_path, sysfs):
+    before = open_fds()
+    kernel = FakeKernel(tmp_path)
+    dev = opened(tmp_path, kernel)
+    dev.close()
+    dev.close()
+    assert struct.unpack_from("<IIIII", kernel.calls[-1][1]) == (20, 0x21, 2, 0, 0)
+    assert open_fds() == before
+
+
+def test_noiommu_group_uses_the_noiommu_iommu_type(tmp_path, sysfs):
+    (tmp_path / "dev/vfio/7").rename(tmp_path / "dev/vfio/noiommu-7")
+    kernel = FakeKernel(tmp_path)
+    with opened(tmp_path, kernel):
+        assert (SET_IOMMU, 8) in kernel.calls
+        assert CHECK_EXTENSION not in kernel.requests()
+
+
+def test_intx_fallback_masks_clears_and_unmasks(tmp_path, sysfs):
+    kernel = FakeKernel(tmp_path, msix=0)
+    with opened(tmp_path, kernel) as dev:
+        assert dev.uses_intx
+        assert kernel.file(BAR0_OFF, 4) == b"\xff" * 4  # IntrMask, as QEMU's bus writes
+        os.eventfd_write(kernel.irq_fds[0][0], 1)
+        assert dev.wait(1.0) == {0}
+        last = struct.unpack_from("<IIIII", kernel.calls[-1][1])
+        assert last == (20, 0x11, 0, 0, 1)  # DATA_NONE | ACTION_UNMASK on INTx
+
+
+def test_region_info_grows_argsz_and_reads_sparse_areas(tmp_path):
+    kernel = FakeKernel(tmp_path, sparse=((0, 0x800), (0xC00, 0x400)))
+    (tmp_path / "c").touch()
+    (tmp_path / "g").touch()
+    with (
+        Container(str(tmp_path / "c"), ioctl=kernel) as c,
+        Group(str(tmp_path / "g"), c, ioctl=kernel) as g,
+        g.device(BDF) as dev,
+    ):
+        info = dev.region_info(1)
+    assert info.sparse == ((0, 0x800), (0xC00, 0x400))
+    sizes = [struct.unpack_from("<I", a)[0] for r, a in kernel.calls if r == GET_REGION_INFO]
+    assert sizes == [32, 32 + 16 + 32]  # asked again with the argsz the kernel wanted
+
+
+def test_broken_capability_chain_is_an_error_not_a_wild_read(tmp_path):
+    kernel = FakeKernel(tmp_path, sparse=((0, 0x800),))
+    original = kernel._region
+
+    def looping(arg):
+        original(arg)
+        if len(arg) > 32:
+            struct.pack_into("<I", arg, 36, 32)  # next -> itself
+        return 0
+
+    kernel._region = looping
+    (tmp_path / "c").touch()
+    (tmp_path / "g").touch()
+    with (
+        Container(str(tmp_path / "c"), ioctl=kernel) as c,
+        Group(str(tmp_path / "g"), c, ioctl=kernel) as g,
+        g.device(BDF) as dev,
+        pytest.raises(VfioError, match="capability chain broken"),
+    ):
+        dev.region_info(1)
+
+
+def test_non_viable_group_lists_its_devices_and_leaks_nothing(tmp_path, sysfs):
+    sysfs.add_device("0000:00:05.0", ids=(0x8086, 0x100E), driver="e1000", iommu_group=7)
+    before = open_fds()
+    with pytest.raises(VfioError, match=r"not viable.*0000:00:05.0 \(e1000\)"):
+        opened(tmp_path, FakeKernel(tmp_path, viable=False))
+    assert open_fds() == before
+
+
+def test_unbound_device_names_the_bind_command(tmp_path, sysfs):
+    sysfs.add_device("0000:00:06.0", driver=None, iommu_group=None)
+    with pytest.raises(
+        PciError, match=r"not bound to any driver.*ivshmem-bus bind 0000:00:06.0 --noiommu"
+    ):
+        open_device("0000:00:06.0", sysfs=str(tmp_path / "sys"), dev=str(tmp_path / "dev"))
+
+
+def test_non_ivshmem_and_missing_devices(tmp_path, sysfs):
+    sysfs.add_device("0000:00:05.0", ids=(0x8086, 0x100E), driver="vfio-pci")
+    with pytest.raises(PciError, match="8086:100e, not an ivshmem device"):
+        open_device("0000:00:05.0", sysfs=str(tmp_path / "sys"), dev=str(tmp_path / "dev"))
+    with pytest.raises(DeviceNotFound):
+        open_device("0000:00:09.0", sysfs=str(tmp_path / "sys"), dev=str(tmp_path / "dev"))
+    with pytest.raises(ValueError):
+        open_device("../../etc", sysfs=str(tmp_path / "sys"), dev=str(tmp_path / "dev"))
+
+
+def test_missing_container_says_to_load_vfio_pci(tmp_path, sysfs):
+    (tmp_path / "dev/vfio/vfio").unlink()
+    before = open_fds()
+    with pytest.raises(VfioError, match="modprobe vfio-pci") as info:
+        opened(tmp_path, FakeKernel(tmp_path))
+    assert info.value.errno == errno.ENOENT
+    assert open_fds() == before
+
+
+def test_busy_group_names_the_holder_problem(tmp_path, sysfs, monkeypatch):
+    real_open = os.open
+
+    def busy(path, *a, **k):
+        if str(path).endswith("/vfio/7"):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", busy)
+    before = open_fds()
+    with pytest.raises(VfioError, match=r"another process holds .*vfio/7"):
+        opened(tmp_path, FakeKernel(tmp_path))
+    monkeypatch.undo()
+    assert open_fds() == before
+
+
+def test_on_this_machine_open_device_fails_clearly_and_leaks_nothing():
+    """The issue's check: no VFIO here; 0000:00:02.0 is not a bound ivshmem device."""
+    before = open_fds()
+    with pytest.raises(IvshmemBusError) as info:
+        open_device("0000:00:02.0")
+    text = str(info.value)
+    assert "0000:00:02.0" in text
+    assert any(hint in text for hint in ("not an ivshmem device", "ivshmem-bus bind", "No PCI"))
+    assert open_fds() == before
