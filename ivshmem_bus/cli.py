@@ -241,6 +241,145 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- Devices: list, vmid, bind, unbind -----------------------------------------------------
+
+
+def _read_vmid(fn, args: argparse.Namespace) -> tuple[int | None, str | None]:
+    """(VMID, None) or (None, why it cannot be read), the way the device allows."""
+    from . import pci
+
+    if fn.driver == pci.VFIO_PCI:
+        from .vfio_device import open_device
+
+        try:
+            with open_device(fn.bdf, sysfs=args.sysfs, dev=args.dev) as dev:
+                return dev.vmid, None
+        except (IvshmemBusError, OSError) as exc:
+            return None, f"VFIO: {exc}"
+    if fn.driver is None:
+        try:
+            return pci.read_vmid_from_resource0(fn, root=args.sysfs), None
+        except (IvshmemBusError, OSError) as exc:
+            return None, f"resource0: {exc}"
+    return None, f"owned by {fn.driver}: bind it to vfio-pci (ivshmem-bus bind {fn.bdf})"
+
+
+def _group_label(fn, dev_root: str) -> str:
+    if fn.iommu_group is None:
+        return "-"
+    if os.path.exists(os.path.join(dev_root, "vfio", f"noiommu-{fn.iommu_group}")):
+        return f"noiommu-{fn.iommu_group}"
+    return str(fn.iommu_group)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from . import pci
+
+    rows = []
+    for fn in pci.list_ivshmem(args.sysfs):
+        vmid, why = _read_vmid(fn, args)
+        rows.append(
+            {
+                "bdf": fn.bdf,
+                "kind": "doorbell" if fn.is_doorbell else "plain",
+                "revision": fn.revision,
+                "driver": fn.driver,
+                "iommu_group": _group_label(fn, args.dev),
+                "bar2_size": fn.shmem_size,
+                "msix_vectors": fn.msix_vectors,
+                "vmid": vmid,
+                "vmid_error": why,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no ivshmem devices (1af4:1110); try the fake device: ivshmem-bus demo")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for col in ("BDF", "TYPE", "REV", "DRIVER", "GROUP", "BAR2", "MSI-X", "VMID"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["bdf"], r["kind"], str(r["revision"]), r["driver"] or "none", r["iommu_group"],
+            _size(r["bar2_size"]), str(r["msix_vectors"] if r["msix_vectors"] is not None else "-"),
+            f"0x{r['vmid']:x}" if r["vmid"] is not None else f"? ({r['vmid_error']})",
+        )  # fmt: skip
+    Console(soft_wrap=True).print(table)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _cmd_vmid(args: argparse.Namespace) -> int:
+    from . import pci
+
+    if args.bdf:
+        fn = pci.get_function(args.bdf, args.sysfs)
+        if not fn.is_ivshmem:
+            raise pci.PciError(f"{fn.bdf} is not an ivshmem device (1af4:1110)")
+    else:
+        doorbells = [fn for fn in pci.list_ivshmem(args.sysfs) if fn.is_doorbell]
+        if not doorbells:
+            raise pci.PciError(
+                "no ivshmem-doorbell device: start the guest with -device ivshmem-doorbell"
+            )
+        if len(doorbells) > 1:
+            raise pci.PciError(
+                f"several ivshmem-doorbell devices ({', '.join(f.bdf for f in doorbells)}): "
+                f"name one: ivshmem-bus vmid BDF"
+            )
+        fn = doorbells[0]
+    vmid, why = _read_vmid(fn, args)
+    if vmid is None:
+        raise pci.PciError(f"{fn.bdf}: cannot read the VMID: {why}")
+    print(vmid if args.format == "dec" else f"0x{vmid:x}")
+    return 0
+
+
+def _cmd_bind(args: argparse.Namespace) -> int:
+    from . import pci
+
+    if args.noiommu:
+        print(
+            "warning: no-IOMMU mode gives the device unrestricted DMA and taints the kernel",
+            file=sys.stderr,
+        )
+    b = pci.bind(args.bdf, root=args.sysfs, dev_root=args.dev, noiommu=args.noiommu)
+    before = b.previous_driver or "no driver"
+    if b.previous_driver == pci.VFIO_PCI:
+        print(f"{b.bdf} is already bound to vfio-pci ({b.node})")
+    else:
+        print(f"{b.bdf} bound to vfio-pci ({b.node}); it was on {before}")
+    return 0
+
+
+def _cmd_unbind(args: argparse.Namespace) -> int:
+    from . import pci
+
+    now = pci.unbind(args.bdf, root=args.sysfs)
+    print(f"{pci.normalize_bdf(args.bdf)} released from vfio-pci; now on {now or 'no driver'}")
+    return 0
+
+
+def _bdf_arg(text: str) -> str:
+    from . import pci
+
+    try:
+        return pci.normalize_bdf(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _vmid_arg(text: str) -> str:
     """argparse type for --remote-vmid: 'auto' or a peer id (decimal or 0x hex)."""
     if text == "auto":
@@ -274,7 +413,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--sysfs", default="/sys", help=argparse.SUPPRESS)  # tests, chroots
+    parser.add_argument("--dev", default="/dev", help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    lst = sub.add_parser("list", help="every ivshmem PCI function, like lspci")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=_cmd_list)
+
+    vmid = sub.add_parser("vmid", help="this machine's VMID (IVPosition), for the other side")
+    vmid.add_argument("bdf", nargs="?", type=_bdf_arg, metavar="BDF")
+    vmid.add_argument("--format", choices=["hex", "dec"], default="hex")
+    vmid.set_defaults(func=_cmd_vmid)
+
+    bind = sub.add_parser("bind", help="bind an ivshmem function to vfio-pci (root)")
+    bind.add_argument("bdf", type=_bdf_arg, metavar="BDF")
+    bind.add_argument(
+        "--noiommu",
+        action="store_true",
+        help="allow no-IOMMU mode (unrestricted DMA; taints the kernel)",
+    )
+    bind.set_defaults(func=_cmd_bind)
+
+    unbind = sub.add_parser("unbind", help="give the function back to its previous driver (root)")
+    unbind.add_argument("bdf", type=_bdf_arg, metavar="BDF")
+    unbind.set_defaults(func=_cmd_unbind)
 
     demo = sub.add_parser(
         "demo",
@@ -345,6 +508,11 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--interval", type=float, default=1e-4, metavar="SECONDS")
     monitor.set_defaults(func=_cmd_monitor)
     return parser
+
+
+def vmid_main(argv: Sequence[str] | None = None) -> int:
+    """``ivshmem-vmid``: the same as ``ivshmem-bus vmid``."""
+    return main(["vmid", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
