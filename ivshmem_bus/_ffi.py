@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,16 @@ import cffi
 from . import __version__
 from .errors import VfioError
 
-__all__ = ["HAVE_COMPILED", "fence", "ffi", "ioctl", "lib", "read32", "write32"]
+__all__ = [
+    "HAVE_COMPILED",
+    "fence",
+    "ffi",
+    "ioctl",
+    "lib",
+    "queue_fence",
+    "read32",
+    "write32",
+]
 
 log = logging.getLogger("ivshmem_bus")
 
@@ -282,6 +291,12 @@ def fence() -> None:
     _note_fallback()
     if not _TSO:
         _warn_no_fence()
+
+
+def queue_fence() -> Callable[[], None] | None:
+    """The fence a shared-memory queue needs on this CPU: None on x86 (TSO gives acquire
+    and release, and a call per slot would only cost time), ``fence`` elsewhere."""
+    return None if _TSO else fence
 
 
 def _warn_no_fence() -> None:

@@ -29,7 +29,6 @@ raises ``QueueCorrupt`` (nothing sane can be read until the queues are reset).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import logging
@@ -130,8 +129,13 @@ class VirtioMsgBus:
             raise ValueError(f"{device.name}: BAR2 is {len(shm)} bytes; the bus needs {need}")
         if reset_queues:
             reset_queues_of(device)
-        driver_q = SpscQueue(shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE])
-        device_q = SpscQueue(shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE])
+        fence = device.fence
+        driver_q = SpscQueue(
+            shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE], fence=fence
+        )
+        device_q = SpscQueue(
+            shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE], fence=fence
+        )
         self._tx, self._rx = (driver_q, device_q) if role == "driver" else (device_q, driver_q)
         self.device = device
         self.role = role
@@ -327,24 +331,7 @@ class VirtioMsgBus:
     # asyncio ------------------------------------------------------------------------------------
 
     async def _await_doorbell(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        woken = loop.create_future()
-        fds = list(self.device.vector_fds())
-
-        def wake() -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        for fd in fds:
-            loop.add_reader(fd, wake)
-        try:
-            await asyncio.wait_for(woken, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            for fd in fds:
-                loop.remove_reader(fd)
-        if self.device.drain():
+        if await self.device.async_wait(timeout):
             self.stats.doorbell_wakeups += 1
 
     async def areceive(self, timeout: float | None = None) -> Message | None:

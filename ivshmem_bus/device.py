@@ -15,9 +15,10 @@ Facts the interface is built on (vfio-notes.md):
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
 import selectors
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .regs import Bar0, doorbell_value
 
@@ -66,6 +67,41 @@ class IvshmemDevice(abc.ABC):
             if _read_eventfd(key.fd):
                 fired.add(key.data)
         return fired
+
+    async def async_wait(self, timeout: float | None) -> set[int]:
+        """``wait`` for asyncio: ``loop.add_reader`` on the same eventfds, never blocking."""
+        fired = self.drain()
+        if fired or timeout == 0:
+            return fired
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        fds = list(self.vector_fds())
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        for fd in fds:
+            loop.add_reader(fd, wake)
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            for fd in fds:
+                loop.remove_reader(fd)
+        return self.drain()
+
+    @property
+    def fence(self) -> Callable[[], None] | None:
+        """The memory barrier queues on this device's shared memory need (None on x86).
+
+        Shared memory is coherent between the two sides; only the CPU's ordering matters,
+        so every backend gives the same answer, from the compiled helper when present.
+        """
+        from ._ffi import queue_fence
+
+        return queue_fence()
 
     def drain(self) -> set[int]:
         """Read every vector's eventfd without blocking; the vectors that had fired."""

@@ -118,3 +118,31 @@ def test_close_with_a_view_still_held_closes_fds_and_warns(caplog):
     view.release()
     del view
     assert open_fds() == before
+
+
+def test_async_wait_uses_the_same_eventfds(pair):
+    import asyncio
+
+    a, b = pair
+
+    async def main():
+        assert await b.async_wait(0.01) == set()
+        asyncio.get_running_loop().call_later(0.02, a.ring, 9, 1)
+        return await b.async_wait(2.0)
+
+    assert asyncio.run(main()) == {1}
+
+
+def test_queues_get_a_fence_only_on_weakly_ordered_cpus(pair, monkeypatch):
+    from ivshmem_bus import _ffi, protocol
+    from ivshmem_bus.bus import VirtioMsgBus
+
+    a, _ = pair
+    assert a.fence is None  # x86-64: TSO already orders slot and index
+    calls = []
+    monkeypatch.setattr(_ffi, "_TSO", False)
+    monkeypatch.setattr(_ffi, "fence", lambda: calls.append(1))
+    assert a.fence is not None
+    with VirtioMsgBus(a, "driver", 9, reset_queues=True) as bus:
+        bus.send(protocol.EventUsed(index=1))
+    assert calls == [1]  # one release fence between the slot copy and the head store
