@@ -1,0 +1,237 @@
+"""Handlers of the link commands: demo, server, serve, probe, ping, monitor.
+
+Printing only: each handler calls the library and prints what it returns; ``cli.py`` owns the
+parser and the exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import signal
+import threading
+import time
+
+from . import protocol
+from .errors import BusTimeout
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summarize
+
+    result = run_demo(args.profile, args.round_trips)
+    d = result.description
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "backend": "fake",
+                    "driver_vmid": result.driver_vmid,
+                    "device_vmid": result.device_vmid,
+                    "profile": result.profile,
+                    "device": d.as_dict(),
+                    "negotiated_features": f"0x{result.features:x}",
+                    "status": result.status,
+                    "round_trips_us": summarize(result.round_trips_us),
+                },
+                indent=2,
+            )
+        )
+        return 0
+    from .transport import feature_names, status_names
+
+    print(
+        f"fake ivshmem pair (no hardware): driver vmid {result.driver_vmid} <-> "
+        f"device vmid {result.device_vmid}, profile {result.profile}"
+    )
+    _print_description(result.device_vmid, d)
+    print(
+        f"initialized: status {status_names(result.status)}, "
+        f"features {' '.join(feature_names(result.features)) or '-'}"
+    )
+    print(
+        f"{len(result.round_trips_us)} request/response round trips: "
+        f"{summarize(result.round_trips_us)}"
+    )
+    return 0
+
+
+def _print_description(vmid: int, d) -> None:
+    print(f"probe of vmid {vmid}:")
+    print(f"  device:    {d.device_name} (virtio id {d.device_id})")
+    print(f"  vendor:    {d.vendor}")
+    print(f"  features:  0x{d.features:x} {' '.join(d.feature_names) or '-'}")
+    print(f"  config:    {d.config_size} bytes")
+    queues = ", ".join(f"{q.index} (max {q.max_size})" for q in d.queues) or "none"
+    print(f"  queues:    {queues}")
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, for loops that must stop cleanly."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _backend(args: argparse.Namespace):
+    from .backends import open_backend
+
+    return open_backend(server=args.server, device=args.device, vectors=args.vectors)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from .server import IvshmemServer
+
+    logging.getLogger("ivshmem_bus.server").setLevel(logging.INFO)
+    stop = _stop_on_signals()
+    with IvshmemServer(
+        args.socket, shm_size=args.size, shm_path=args.shm, vectors=args.vectors,
+        max_peers=args.max_peers,
+    ) as server:  # fmt: skip
+        print(
+            f"ivshmem server on {server.socket_path}: {server.shm_size} bytes of shared "
+            f"memory, {server.vectors} vector(s), up to {server.max_peers} peers",
+            flush=True,
+        )
+        server.serve_forever(stop)
+    print("ivshmem server stopped", flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .backends import follow_single_peer, resolve_remote_vmid
+    from .bus import VirtioMsgBus, reset_queues_of
+    from .transport import RngDevice, status_names
+
+    stop = _stop_on_signals()
+    with _backend(args) as dev:
+        if args.reset_queues:
+            reset_queues_of(dev)  # before any peer can have sent us anything
+        print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
+        remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
+        device = RngDevice(args.profile)
+
+        def on_status(old: int, new: int) -> None:
+            print(f"driver status {status_names(old)} -> {status_names(new)}", flush=True)
+
+        device.on_status = on_status
+        with VirtioMsgBus(dev, "device", remote, args.profile) as bus:
+            print(
+                f"serving virtio {args.device_type} (id {device.device_id}) to vmid {remote} "
+                f"({args.profile}); Ctrl-C stops",
+                flush=True,
+            )
+
+            def handle(msg: protocol.Message) -> protocol.Message | None:
+                if args.remote_vmid == "auto":  # answer whoever the driver is now
+                    now = follow_single_peer(dev, bus.remote_vmid)
+                    if now != bus.remote_vmid:
+                        print(f"driver peer {bus.remote_vmid} left; serving vmid {now}", flush=True)
+                        bus.remote_vmid = now
+                return device.handle(msg)
+
+            handled = bus.serve(handle, stop=stop.is_set)
+            print(f"stopped after {handled} messages; {bus.stats}", flush=True)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .backends import resolve_remote_vmid
+    from .bus import VirtioMsgBus
+    from .transport import VirtioMsgDriver
+
+    with _backend(args) as dev:
+        remote = resolve_remote_vmid(dev, args.remote_vmid)
+        with VirtioMsgBus(dev, "driver", remote, args.profile) as bus:
+            d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
+    if args.json:
+        print(json.dumps({"vmid": dev.vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
+    else:
+        _print_description(remote, d)
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    from .backends import resolve_remote_vmid
+    from .bus import VirtioMsgBus
+
+    stop = _stop_on_signals()
+    times: list[float] = []
+    sent = 0
+    with _backend(args) as dev:
+        remote = resolve_remote_vmid(dev, args.remote_vmid)
+        with VirtioMsgBus(dev, "driver", remote, args.profile) as bus:
+            print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
+            for seq in range(1, args.count + 1):
+                if stop.is_set():
+                    break
+                # qemu-v0 has no PING: GET_DEVICE_STATUS is the cheapest round trip there
+                msg = (
+                    protocol.BusPing(data=seq)
+                    if args.profile == "spec-v1"
+                    else (protocol.GetDeviceStatus())
+                )
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    bus.request(msg, args.timeout)
+                except BusTimeout:
+                    print(f"no reply from vmid {remote}: seq={seq}", flush=True)
+                    continue
+                times.append((time.perf_counter() - t0) * 1e6)
+                print(f"reply from vmid {remote}: seq={seq} time={times[-1]:.1f} us", flush=True)
+                if seq < args.count:
+                    stop.wait(args.interval)
+    print(f"--- vmid {remote} ping statistics ---")
+    loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
+    print(f"{sent} requests sent, {len(times)} replies received, {loss:.0f}% loss")
+    if times:
+        avg = sum(times) / len(times)
+        print(f"round trip min/avg/max = {min(times):.1f}/{avg:.1f}/{max(times):.1f} us")
+    return 0 if times and len(times) == sent else 1
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor import LinkTap, PcapWriter
+
+    stop = _stop_on_signals()
+    fd = -1
+    if args.server:
+        from .client import fetch_shared_memory
+
+        fd = fetch_shared_memory(args.server)
+    else:
+        fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
+            tap = LinkTap(memoryview(mem), args.profile)
+            pcap_file = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115
+            try:
+                writer = PcapWriter(pcap_file) if pcap_file else None
+                shown = 0
+                end = None if args.duration is None else time.monotonic() + args.duration
+                while not stop.is_set() and (end is None or time.monotonic() < end):
+                    for seen in tap.poll():
+                        print(seen.describe(args.profile), flush=True)
+                        if writer:
+                            writer.write(seen, args.profile)
+                        shown += 1
+                        if args.count and shown >= args.count:
+                            return 0
+                    time.sleep(args.interval)
+            finally:
+                tap.release()
+                if pcap_file:
+                    pcap_file.close()
+    finally:
+        os.close(fd)
+    return 0
