@@ -352,7 +352,9 @@ def test_roundtrip_every_message(case):
     assert len(raw) == p.MESSAGE_SIZE[profile]
     size = int.from_bytes(raw[p.HEADER_SIZE[profile] - 2 : p.HEADER_SIZE[profile]], "little")
     assert raw[size:] == bytes(len(raw) - size)  # unused payload bytes are zero
-    assert p.decode(raw, profile) == msg
+    decoded = p.decode(raw, profile)
+    assert decoded == msg
+    assert dataclasses.replace(decoded) == decoded  # the decoder built a valid message
     # and the message is decoded from its first msg_size bytes alone
     assert p.decode(raw[:size], profile) == msg
 
@@ -365,6 +367,7 @@ def test_random_bytes_decode_or_raise_protocol_error(profile, data):
     except ProtocolError:
         return
     assert isinstance(msg, p.Message)
+    assert dataclasses.replace(msg) == msg  # valid, though decode skipped the checks
 
 
 @settings(max_examples=3000)
@@ -409,5 +412,7 @@ def test_plausible_headers_decode_or_raise_protocol_error(profile, type_, msg_id
         return
     assert size <= len(data)  # a decoded message never came from bytes it did not have
     assert isinstance(msg, p.Message)
-    # whatever decoded is a valid message of the profile: it re-encodes and decodes equal
+    # whatever decoded is a valid message (the constructor's checks pass, though decode
+    # skipped them) of the profile: it re-encodes and decodes equal
+    assert dataclasses.replace(msg) == msg
     assert p.decode(p.encode(msg, profile), profile) == msg
