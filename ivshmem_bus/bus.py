@@ -22,6 +22,8 @@ dropped and counted; requests the peer sends (QEMU's device sends IOMMU_TRANSLAT
 go to ``handler`` when one is set, and are answered at once; everything else (events,
 unanswered requests) is kept and delivered after, in arrival order, by ``receive``.
 
+asyncio: ``aio.AsyncVirtioMsgBus`` wraps a bus and awaits the same eventfds.
+
 Bytes the peer wrote that do not decode are dropped and counted, never raised: the peer is
 untrusted and one bad slot must not stop the link. A corrupt queue index is different: it
 raises ``QueueCorrupt`` (nothing sane can be read until the queues are reset).
@@ -33,7 +35,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Literal
 
 from . import protocol
@@ -158,7 +160,7 @@ class VirtioMsgBus:
             BusTimeout: the queue stayed full for ``timeout`` seconds.
             ValueError: the profile cannot carry ``msg``.
         """
-        self._check_open()
+        self.check_open()
         raw = protocol.encode(msg, self.profile)
         if not self._tx.put(raw):
             self._wait_for_space(raw, timeout)
@@ -222,7 +224,7 @@ class VirtioMsgBus:
 
         Responses that arrive when no request is waiting are dropped as strays.
         """
-        self._check_open()
+        self.check_open()
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         spin_until = time.monotonic() + self.spin
         while True:
@@ -241,7 +243,7 @@ class VirtioMsgBus:
 
     # Requests -----------------------------------------------------------------------------------
 
-    def _prepare(self, msg: Message) -> Message:
+    def prepare_request(self, msg: Message) -> Message:
         if not protocol.expects_response(msg, self.profile):
             raise ValueError(f"{type(msg).__name__} gets no response in {self.profile}: use send()")
         if self.profile == "spec-v1":
@@ -249,10 +251,11 @@ class VirtioMsgBus:
             msg = dataclasses.replace(msg, token=self._token)
         return msg
 
-    def _match(self, request: Message, batch: list[Message]) -> Message | None:
-        """Sort a fetched batch while ``request`` waits; the response if it is there."""
+    def match_response(self, request: Message) -> Message | None:
+        """Drain the queue while ``request`` waits and sort what came: the response if it is
+        there; strays dropped, requests answered by the handler, the rest kept for later."""
         found = None
-        for msg in batch:
+        for msg in self._fetch():
             if found is None and protocol.response_matches(request, msg, self.profile):
                 found = msg
             elif protocol.is_response(msg):
@@ -263,7 +266,7 @@ class VirtioMsgBus:
                 self._pending.append(msg)
         return found
 
-    def _timed_out(self, request: Message, timeout: float) -> BusTimeout:
+    def timed_out(self, request: Message, timeout: float) -> BusTimeout:
         self.stats.timeouts += 1
         return BusTimeout(
             f"no response to {type(request).__name__} from vmid {self.remote_vmid} on "
@@ -280,20 +283,20 @@ class VirtioMsgBus:
             BusTimeout: no response within ``timeout`` (the peer was ringed again halfway).
             ValueError: ``msg`` gets no response in this profile.
         """
-        self._check_open()
-        msg = self._prepare(msg)
+        self.check_open()
+        msg = self.prepare_request(msg)
         start = time.monotonic()
         deadline = start + timeout
         rering_at = start + timeout / 2
         self.send(msg, timeout)
         spin_until = time.monotonic() + self.spin
         while True:
-            found = self._match(msg, self._fetch())
+            found = self.match_response(msg)
             if found is not None:
                 return found
             now = time.monotonic()
             if now >= deadline:
-                raise self._timed_out(msg, timeout)
+                raise self.timed_out(msg, timeout)
             if now >= rering_at:  # the first doorbell may have been lost
                 rering_at = deadline
                 self._ring()
@@ -328,54 +331,15 @@ class VirtioMsgBus:
             reply = dataclasses.replace(reply, token=request.token, dev_num=request.dev_num)
         self.send(reply, timeout)
 
-    # asyncio ------------------------------------------------------------------------------------
-
-    async def _await_doorbell(self, timeout: float) -> None:
-        if await self.device.async_wait(timeout):
-            self.stats.doorbell_wakeups += 1
-
-    async def areceive(self, timeout: float | None = None) -> Message | None:
-        """``receive`` for asyncio: sleeps on the same eventfds without blocking the loop."""
-        deadline = float("inf") if timeout is None else time.monotonic() + timeout
-        while True:
-            msg = self.receive(0)
-            remaining = deadline - time.monotonic()
-            if msg is not None or remaining <= 0:
-                return msg
-            await self._await_doorbell(min(remaining, self.poll_interval))
-
-    async def arequest(self, msg: Message, timeout: float = 1.0) -> Message:
-        """``request`` for asyncio."""
-        self._check_open()
-        msg = self._prepare(msg)
-        deadline = time.monotonic() + timeout
-        self.send(msg, timeout)
-        while True:
-            found = self._match(msg, self._fetch())
-            if found is not None:
-                return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._timed_out(msg, timeout)
-            await self._await_doorbell(min(remaining, self.poll_interval))
-
-    async def __aenter__(self) -> VirtioMsgBus:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aiter__(self) -> AsyncIterator[Message]:
-        while not self._closed:
-            msg = await self.areceive(self.poll_interval)
-            if msg is not None:
-                yield msg
-
     # Life cycle -----------------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self._closed:
             raise BusClosed(f"bus on {self.device.name} is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         """Release the queues' views of BAR2 (the device can then be closed). Idempotent."""

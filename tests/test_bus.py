@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from ivshmem_bus import protocol as p
+from ivshmem_bus.aio import AsyncVirtioMsgBus
 from ivshmem_bus.bus import VirtioMsgBus
 from ivshmem_bus.errors import BusClosed, BusTimeout, QueueCorrupt
 from ivshmem_bus.fake import fake_pair
@@ -250,9 +251,8 @@ def test_asyncio_request_and_iteration(buses):
     )
 
     async def main():
-        async with drv:
-            got = [await drv.arequest(p.GetDeviceStatus(), 5) for _ in range(20)]
-            return got
+        async with AsyncVirtioMsgBus(drv) as abus:
+            return [await abus.request(p.GetDeviceStatus(), 5) for _ in range(20)]
 
     try:
         got = asyncio.run(main())
@@ -267,7 +267,7 @@ def test_async_iteration_yields_incoming_events(buses):
 
     async def main():
         out = []
-        async for msg in drv:
+        async for msg in AsyncVirtioMsgBus(drv):
             out.append(msg)
             if len(out) == 3:
                 break
@@ -282,3 +282,17 @@ def test_async_iteration_yields_incoming_events(buses):
     got = asyncio.run(asyncio.wait_for(main(), 5))
     t.join(5)
     assert got == [p.EventUsed(index=i) for i in range(3)]
+
+
+def test_asyncio_request_timeout_and_receive(buses):
+    drv, dev = buses
+
+    async def main():
+        abus = AsyncVirtioMsgBus(drv)
+        with pytest.raises(BusTimeout):
+            await abus.request(p.GetFeatures(0, 2), timeout=0.05)
+        assert await abus.receive(0.02) is None
+        dev.send(p.EventUsed(index=4))
+        return await abus.receive(1)
+
+    assert asyncio.run(main()) == p.EventUsed(index=4)
