@@ -149,11 +149,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .transport import VirtioMsgDriver
 
     with _backend(args) as dev:
+        vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
         remote = resolve_remote_vmid(dev, args.remote_vmid)
         with VirtioMsgBus(dev, "driver", remote, args.profile) as bus:
             d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
     if args.json:
-        print(json.dumps({"vmid": dev.vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
+        print(json.dumps({"vmid": vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
     else:
         _print_description(remote, d)
     return 0

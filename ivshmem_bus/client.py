@@ -206,7 +206,11 @@ class ServerClientDevice(IvshmemDevice):
         return -1 if self._sock is None else self._sock.fileno()
 
     def close(self) -> None:
-        """Close the socket, unmap BAR2, close every eventfd. Idempotent."""
+        """Close the socket, unmap BAR2, close every eventfd. Idempotent.
+
+        The register view goes too, as on the other backends: using a closed device fails.
+        """
+        self._words.release()
         if self._shm_view is not None:
             self._shm_view.release()
             self._shm_view = None

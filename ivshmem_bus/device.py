@@ -18,6 +18,7 @@ import abc
 import asyncio
 import os
 import selectors
+import time
 from collections.abc import Callable, Sequence
 
 from .regs import Bar0, doorbell_value
@@ -59,6 +60,11 @@ class IvshmemDevice(abc.ABC):
         fired = self.drain()
         if fired or timeout == 0:
             return fired
+        if not fds:  # ivshmem-plain: nothing can ring us; the caller polls its queue
+            if timeout is None:
+                raise ValueError(f"{self.name} has no doorbell vectors: wait() needs a timeout")
+            time.sleep(timeout)
+            return fired
         with selectors.DefaultSelector() as sel:
             for vector, fd in enumerate(fds):
                 sel.register(fd, selectors.EVENT_READ, vector)
@@ -73,9 +79,14 @@ class IvshmemDevice(abc.ABC):
         fired = self.drain()
         if fired or timeout == 0:
             return fired
+        fds = list(self.vector_fds())
+        if not fds:
+            if timeout is None:
+                raise ValueError(f"{self.name} has no doorbell vectors: wait() needs a timeout")
+            await asyncio.sleep(timeout)
+            return fired
         loop = asyncio.get_running_loop()
         woken = loop.create_future()
-        fds = list(self.vector_fds())
 
         def wake() -> None:
             if not woken.done():

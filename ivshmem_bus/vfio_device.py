@@ -11,7 +11,7 @@
 5. doorbells in: MSI-X (index 2) when the device has vectors: bus mastering on first
    (vfio-pci leaves it off and QEMU would drop every MSI), then one eventfd per vector, all in
    one SET_IRQS; without MSI-X, INTx (index 0) with IntrMask set, IntrStatus read to clear it
-   and an unmask after each interrupt.
+   and an unmask after each interrupt; with neither (ivshmem-plain), no doorbells at all.
 
 Doorbells rung before step 5 are lost (QEMU under TCG, vfio-notes.md): the bus looks at its
 queue periodically, so nothing waits on one. Closing goes in reverse: IRQs off, eventfds,
@@ -21,6 +21,7 @@ munmap, device fd, group, container.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ from .regs import Bar0, MmapWords, PreadWords
 from .vfio import Container, Device, Group
 
 __all__ = ["VfioIvshmemDevice", "open_device"]
+
+log = logging.getLogger(__name__)
 
 
 class VfioIvshmemDevice(IvshmemDevice):
@@ -83,7 +86,11 @@ class VfioIvshmemDevice(IvshmemDevice):
         else:
             intx = dev.irq_info(lib.VFIO_PCI_INTX_IRQ_INDEX)
             if not intx.count:
-                raise PciError(f"{self._bdf}: neither MSI-X nor INTx: doorbells cannot arrive")
+                # ivshmem-plain: no interrupt at all (no MSI-X, INTx pin 0). Shared memory
+                # still works; nothing rings us, so wait() only sleeps and the bus finds
+                # messages by looking at its queue every poll interval.
+                log.info("%s has no interrupt (ivshmem-plain?): no doorbells", self._bdf)
+                return
             self._intx = True
             self._eventfds = [_eventfd()]
             dev.set_eventfds(lib.VFIO_PCI_INTX_IRQ_INDEX, self._eventfds)

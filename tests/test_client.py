@@ -103,6 +103,8 @@ def test_greeting_peers_own_vectors_and_ringing(tmp_path, fds):
             threading.Event().wait(0.05)
             assert dev.peers() == {9}
             dev.ring(3, 0)  # gone: dropped like hardware, no error
+        with pytest.raises(ValueError):
+            _ = dev.vmid  # closed: the register view is gone, as on the other backends
         # what remains is the test's side: listener, accepted connection, the two new eventfds
         assert open_fds() == before + 4
     finally:

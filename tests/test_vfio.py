@@ -35,13 +35,13 @@ def open_fds() -> set[int]:
 
 
 class FakeKernel:
-    def __init__(self, tmp_path, *, msix=2, viable=True, bar0_mmap=False, sparse=()):
+    def __init__(self, tmp_path, *, msix=2, intx=1, viable=True, bar0_mmap=False, sparse=()):
         self.path = tmp_path / "device-fd"
         data = bytearray(0x31000)
         data[BAR0_OFF + 8 : BAR0_OFF + 12] = (46).to_bytes(4, "little")  # IVPosition
         data[CONFIG_OFF + 4 : CONFIG_OFF + 6] = (0x0002).to_bytes(2, "little")  # memory on
         self.path.write_bytes(bytes(data))
-        self.msix, self.viable, self.sparse = msix, viable, sparse
+        self.msix, self.intx, self.viable, self.sparse = msix, intx, viable, sparse
         self.regions = {
             0: (READ | WRITE | (MMAP if bar0_mmap else 0), 256, BAR0_OFF),
             1: (READ | WRITE | (CAPS if sparse else 0), 0x1000, BAR1_OFF),
@@ -77,7 +77,7 @@ class FakeKernel:
             return self._region(arg)
         if request == GET_IRQ_INFO:
             index = struct.unpack_from("<I", arg, 8)[0]
-            count = {2: self.msix, 0: 1}.get(index, 0)
+            count = {2: self.msix, 0: self.intx}.get(index, 0)
             struct.pack_into("<II", arg, 4, 0x1 | (0x8 if index == 2 else 0x6), index)
             struct.pack_into("<I", arg, 12, count)
             return 0
@@ -301,3 +301,20 @@ def test_on_this_machine_open_device_fails_clearly_and_leaks_nothing():
     assert "0000:00:02.0" in text
     assert any(hint in text for hint in ("not an ivshmem device", "ivshmem-bus bind", "No PCI"))
     assert open_fds() == before
+
+
+def test_ivshmem_plain_opens_with_no_doorbells_and_the_bus_polls(tmp_path, sysfs):
+    """QEMU's ivshmem-plain has no interrupt at all (found by the QEMU e2e run)."""
+    from ivshmem_bus import protocol
+    from ivshmem_bus.bus import VirtioMsgBus
+
+    kernel = FakeKernel(tmp_path, msix=0, intx=0)
+    with opened(tmp_path, kernel) as dev:
+        assert dev.vectors == 0 and not dev.uses_intx
+        assert SET_IRQS not in kernel.requests()
+        assert dev.wait(0.01) == set()
+        with pytest.raises(ValueError, match="no doorbell vectors: wait\\(\\) needs a timeout"):
+            dev.wait(None)
+        with VirtioMsgBus(dev, "driver", 1, reset_queues=True, poll_interval=0.005) as bus:
+            bus.send(protocol.EventUsed(index=1))  # the register write is harmless on plain
+            assert bus.receive(0.02) is None
