@@ -1,0 +1,290 @@
+"""The guest side of the e2e scenarios: small steps over ivshmem_bus's public API, JSON out.
+
+Run inside a guest as ``$PY tests/e2e/guest_tool.py STEP ...`` (the harness sets ``$PY``,
+``PYTHONPATH`` and the working directory); each step prints one JSON object as its last line
+and exits 0, or raises (exit 1, traceback on stderr). The host test imports the same
+functions to play a host peer (``ServerClientDevice``) with the same code.
+
+Peers meet in BAR2 above the bus queues (0x0000-0x1FFF): patterns at ``PATTERN_BASE`` and
+"my vectors are on" flags at ``FLAG_BASE``, one slot per peer name, stamped with the test's
+token so a stale value from an earlier scenario never counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+import time
+
+NAMES = ("a", "b", "h")  # guest a, guest b, the host peer
+PATTERN_BASE = 0x100000  # 1 MiB: far from the bus queues
+PATTERN_LEN = 256
+FLAG_BASE = 0x200000
+FLAG_LEN = 32
+
+
+def pattern(token: str, name: str) -> bytes:
+    seed = f"{token}:{name}".encode()
+    return b"".join(hashlib.sha256(seed + bytes([i])).digest() for i in range(PATTERN_LEN // 32))
+
+
+def pattern_offset(name: str) -> int:
+    return PATTERN_BASE + NAMES.index(name) * 0x1000
+
+
+def flag_value(token: str, label: str, name: str) -> bytes:
+    return hashlib.sha256(f"flag:{token}:{label}:{name}".encode()).digest()[:FLAG_LEN]
+
+
+def flag_offset(me: str, peer: str) -> int:
+    return FLAG_BASE + (NAMES.index(me) * len(NAMES) + NAMES.index(peer)) * 0x40
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.005, abort=None):
+    """Poll ``check`` until true; ``abort()`` (if given) may raise to give up early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if abort is not None:
+            abort()
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+
+
+# Steps, usable from the host with any IvshmemDevice -------------------------------------------
+
+
+def share_patterns(shm, token: str, me: str, others: list[str], timeout: float, abort=None) -> dict:
+    """Write my pattern, wait for every other peer's, verify them byte for byte."""
+    mine = pattern(token, me)
+    off = pattern_offset(me)
+    shm[off : off + PATTERN_LEN] = mine
+    seen = {}
+    for other in others:
+        want, o = pattern(token, other), pattern_offset(other)
+        t0 = time.monotonic()
+        wait_until(
+            lambda w=want, o=o: bytes(shm[o : o + PATTERN_LEN]) == w,
+            timeout,
+            f"{me}: pattern of {other} at 0x{o:x}",
+            abort=abort,
+        )
+        seen[other] = round(time.monotonic() - t0, 3)
+    return {"wrote": f"0x{off:x}", "seen_after_s": seen}
+
+
+def doorbell_session(dev, token: str, label: str, me: str, peer: str, peer_vmid: int,
+                     lead: bool, rounds: int, timeout: float, abort=None) -> dict:  # fmt: skip
+    """Ping-pong doorbells with one peer on every vector, ``rounds`` times, waited with wait().
+
+    Both sides first raise a flag in BAR2 once their vectors are on (a doorbell rung before
+    that would be lost), then the leader rings vector v and waits for the same vector back.
+    """
+    shm = dev.shmem
+    mine, theirs = flag_offset(me, peer), flag_offset(peer, me)
+    dev.drain()  # stale doorbells out before the flag: after it, the peer may ring at once
+    shm[mine : mine + FLAG_LEN] = flag_value(token, label, me)
+    want = flag_value(token, label, peer)
+    wait_until(lambda: bytes(shm[theirs : theirs + FLAG_LEN]) == want, timeout,
+               f"{me}: {peer}'s vectors-on flag", abort=abort)  # fmt: skip
+    latencies: dict[int, list[float]] = {v: [] for v in range(dev.vectors)}
+    extra: list[int] = []
+
+    def receive(vector: int) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{me}: no doorbell on vector {vector} from {peer} "
+                                   f"within {timeout:g} s")  # fmt: skip
+            fired = dev.wait(min(left, 1.0))
+            extra.extend(sorted(fired - {vector}))
+            if vector in fired:
+                return
+            if abort is not None and not fired:
+                abort()
+
+    for _ in range(rounds):
+        for vector in range(dev.vectors):
+            t0 = time.perf_counter()
+            if lead:
+                dev.ring(peer_vmid, vector)
+                receive(vector)
+                latencies[vector].append((time.perf_counter() - t0) * 1e3)
+            else:
+                receive(vector)
+                dev.ring(peer_vmid, vector)
+    out = {"peer": peer, "peer_vmid": peer_vmid, "rounds": rounds, "vectors": dev.vectors,
+           "unexpected_vectors": extra}  # fmt: skip
+    if lead:
+        out["round_trip_ms_p50"] = {
+            v: round(statistics.median(ts), 3) for v, ts in latencies.items() if ts
+        }
+    return out
+
+
+def serve_rng(dev, remote: int, stop, profile: str = "qemu-v0") -> int:
+    """Serve the Python rng device on a device-role bus until ``stop()``; messages handled."""
+    from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.transport import RngDevice
+
+    with VirtioMsgBus(dev, "device", remote, profile, reset_queues=True) as bus:
+        return RngDevice(profile).serve(bus, stop)
+
+
+def round_trips(dev, remote: int, count: int, timeout: float) -> dict:
+    """Probe, then ``count`` GET_DEVICE_STATUS round trips, driver role."""
+    from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.transport import VirtioMsgDriver
+
+    with VirtioMsgBus(dev, "driver", remote) as bus:
+        driver = VirtioMsgDriver(bus, timeout=timeout)
+        t0 = time.monotonic()
+        desc = driver.probe()
+        probe_s = time.monotonic() - t0
+        times = []
+        for _ in range(count):
+            t = time.perf_counter()
+            driver.get_status()
+            times.append((time.perf_counter() - t) * 1e6)
+        stats = bus.stats
+    times.sort()
+    return {
+        "device_id": desc.device_id,
+        "probe_s": round(probe_s, 3),
+        "count": len(times),
+        "total_s": round(sum(times) / 1e6, 3),
+        "p50_us": round(times[len(times) // 2], 1),
+        "p99_us": round(times[int(len(times) * 0.99) - 1], 1),
+        "max_us": round(times[-1], 1),
+        "timeouts": stats.timeouts,
+        "doorbell_wakeups": stats.doorbell_wakeups,
+    }
+
+
+# Guest command line ------------------------------------------------------------------------------
+
+
+def _function_record(fn) -> dict:
+    return {
+        "bdf": fn.bdf, "driver": fn.driver, "iommu_group": fn.iommu_group,
+        "bar_sizes": list(fn.bar_sizes), "msix_vectors": fn.msix_vectors,
+        "is_doorbell": fn.is_doorbell,
+    }  # fmt: skip
+
+
+def _step_list(args) -> dict:
+    from ivshmem_bus import pci
+
+    fns = pci.list_ivshmem()
+    out = {"devices": [_function_record(fn) for fn in fns]}
+    if args.vmid:  # IVPosition through resource0: only while no driver owns the device
+        out["vmid"] = {fn.bdf: pci.read_vmid_from_resource0(fn) for fn in fns if not fn.driver}
+    return out
+
+
+def _step_bind(args) -> dict:
+    from ivshmem_bus import pci
+    from ivshmem_bus.device import open_device
+
+    t0 = time.monotonic()
+    binding = pci.bind(args.bdf, noiommu=args.noiommu)
+    bind_s = time.monotonic() - t0
+    after = pci.get_function(args.bdf)
+    t0 = time.monotonic()
+    with open_device(args.bdf) as dev:
+        open_s = time.monotonic() - t0
+        return {
+            "binding": {
+                "previous_driver": binding.previous_driver,
+                "group": binding.group,
+                "node": binding.node,
+                "noiommu": binding.noiommu,
+            },
+            "function": _function_record(after),
+            "vmid": dev.vmid,
+            "shmem_size": len(dev.shmem),
+            "vectors": dev.vectors,
+            "uses_intx": getattr(dev, "uses_intx", None),
+            "bind_s": round(bind_s, 3),
+            "open_s": round(open_s, 3),
+        }
+
+
+def _step_shm(args) -> dict:
+    from ivshmem_bus.device import open_device
+
+    with open_device(args.bdf) as dev:
+        return share_patterns(dev.shmem, args.token, args.me, args.others, args.timeout)
+
+
+def _step_doorbell(args) -> dict:
+    from ivshmem_bus.device import open_device
+
+    sessions = []
+    with open_device(args.bdf) as dev:
+        for spec in args.session:
+            label, peer, vmid, role = spec.split(":")
+            session = doorbell_session(
+                dev, args.token, label, args.me, peer, int(vmid, 0), role == "lead",
+                args.rounds, args.timeout,
+            )  # fmt: skip
+            sessions.append(session)
+    return {"sessions": sessions}
+
+
+def _step_roundtrips(args) -> dict:
+    from ivshmem_bus.device import open_device
+
+    with open_device(args.bdf) as dev:
+        return round_trips(dev, args.remote, args.count, args.timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.monotonic()
+    parser = argparse.ArgumentParser(prog="guest_tool.py")
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("list")
+    p.add_argument("--vmid", action="store_true")
+    p.set_defaults(func=_step_list)
+    p = sub.add_parser("bind")
+    p.add_argument("bdf")
+    p.add_argument("--noiommu", action="store_true")
+    p.set_defaults(func=_step_bind)
+    p = sub.add_parser("shm")
+    p.add_argument("bdf")
+    p.add_argument("--token", required=True)
+    p.add_argument("--me", choices=NAMES, required=True)
+    p.add_argument("--others", nargs="+", choices=NAMES, required=True)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=_step_shm)
+    p = sub.add_parser("doorbell")
+    p.add_argument("bdf")
+    p.add_argument("--token", required=True)
+    p.add_argument("--me", choices=NAMES, required=True)
+    p.add_argument("--session", action="append", required=True,
+                   metavar="LABEL:PEER:VMID:lead|follow")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=_step_doorbell)
+    p = sub.add_parser("roundtrips")
+    p.add_argument("bdf")
+    p.add_argument("--remote", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_step_roundtrips)
+    args = parser.parse_args(argv)
+    out = args.func(args)
+    out["step_s"] = round(time.monotonic() - t0, 3)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
