@@ -54,7 +54,7 @@ class AsyncVirtioMsgBus:
         deadline = time.monotonic() + timeout
         bus.send(msg, timeout)
         while True:
-            found = bus.match_response(msg)
+            found = bus.match_response(msg, deadline)
             if found is not None:
                 return found
             remaining = deadline - time.monotonic()

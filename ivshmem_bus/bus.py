@@ -65,7 +65,8 @@ Handler = Callable[[Message], Message | None]
 
 @dataclasses.dataclass
 class BusStats:
-    """Counters of one bus. ``dropped`` = malformed + unknown + stray responses."""
+    """Counters of one bus. ``dropped`` = malformed + unknown + stray responses + overflow
+    (messages beyond ``max_pending`` kept for ``receive``)."""
 
     sent: int = 0
     received: int = 0
@@ -76,10 +77,11 @@ class BusStats:
     doorbells_rung: int = 0
     doorbell_wakeups: int = 0
     timeouts: int = 0
+    overflow: int = 0
 
     @property
     def dropped(self) -> int:
-        return self.malformed + self.unknown + self.stray_responses
+        return self.malformed + self.unknown + self.stray_responses + self.overflow
 
 
 def reset_queues_of(device: IvshmemDevice) -> None:
@@ -101,6 +103,7 @@ class VirtioMsgBus:
             or None for no response).
         spin: seconds to busy-poll the queue before sleeping on the eventfds.
         poll_interval: the longest a sleeping wait goes without looking at the queue.
+        max_pending: how many incoming events/requests are held for ``receive`` at most.
 
     Raises:
         ValueError: bad role, profile or vmid, or BAR2 smaller than the two queues.
@@ -118,6 +121,7 @@ class VirtioMsgBus:
         handler: Handler | None = None,
         spin: float = 50e-6,
         poll_interval: float = 0.01,
+        max_pending: int = 4096,
     ) -> None:
         if role not in ("driver", "device"):
             raise ValueError(f"role must be 'driver' or 'device', not {role!r}")
@@ -132,12 +136,21 @@ class VirtioMsgBus:
         if reset_queues:
             reset_queues_of(device)
         fence = device.fence
-        driver_q = SpscQueue(
-            shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE], fence=fence
-        )
-        device_q = SpscQueue(
-            shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE], fence=fence
-        )
+        regions = [
+            shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE],
+            shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE],
+        ]
+        queues: list[SpscQueue] = []
+        try:
+            for region in regions:
+                queues.append(SpscQueue(region, fence=fence))
+        except BaseException:  # hold no view of BAR2 once construction failed
+            for q in queues:
+                q.release()
+            for region in regions:
+                region.release()
+            raise
+        driver_q, device_q = queues
         self._tx, self._rx = (driver_q, device_q) if role == "driver" else (device_q, driver_q)
         self.device = device
         self.role = role
@@ -146,6 +159,7 @@ class VirtioMsgBus:
         self.handler = handler
         self.spin = spin
         self.poll_interval = poll_interval
+        self.max_pending = max_pending
         self.stats = BusStats()
         self._pending: collections.deque[Message] = collections.deque()
         self._token = 0
@@ -234,7 +248,7 @@ class VirtioMsgBus:
                 if protocol.is_response(msg):
                     self.stats.stray_responses += 1
                 else:
-                    self._pending.append(msg)
+                    self._keep(msg)
             if self._pending:
                 continue
             if time.monotonic() >= deadline:
@@ -251,9 +265,10 @@ class VirtioMsgBus:
             msg = dataclasses.replace(msg, token=self._token)
         return msg
 
-    def match_response(self, request: Message) -> Message | None:
+    def match_response(self, request: Message, deadline: float) -> Message | None:
         """Drain the queue while ``request`` waits and sort what came: the response if it is
-        there; strays dropped, requests answered by the handler, the rest kept for later."""
+        there; strays dropped, requests answered by the handler (within what is left of the
+        request's own ``deadline``, a monotonic time), the rest kept for later."""
         found = None
         for msg in self._fetch():
             if found is None and protocol.response_matches(request, msg, self.profile):
@@ -261,10 +276,19 @@ class VirtioMsgBus:
             elif protocol.is_response(msg):
                 self.stats.stray_responses += 1
             elif self.handler is not None and protocol.expects_response(msg, self.profile):
-                self._answer(msg, self.handler(msg))
+                left = max(0.0, deadline - time.monotonic())
+                self._answer(msg, self.handler(msg), left)
             else:
-                self._pending.append(msg)
+                self._keep(msg)
         return found
+
+    def _keep(self, msg: Message) -> None:
+        """Hold an event or unanswered request for ``receive``; bounded, since a peer can
+        flood a side that never calls ``receive``: past ``max_pending`` new ones are dropped."""
+        if len(self._pending) >= self.max_pending:
+            self.stats.overflow += 1
+            return
+        self._pending.append(msg)
 
     def timed_out(self, request: Message, timeout: float) -> BusTimeout:
         self.stats.timeouts += 1
@@ -291,7 +315,7 @@ class VirtioMsgBus:
         self.send(msg, timeout)
         spin_until = time.monotonic() + self.spin
         while True:
-            found = self.match_response(msg)
+            found = self.match_response(msg, deadline)
             if found is not None:
                 return found
             now = time.monotonic()

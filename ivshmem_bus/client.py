@@ -138,8 +138,13 @@ class ServerClientDevice(IvshmemDevice):
                 self._close_quietly(fd)
                 raise ServerClientError(f"{self._path}: bad shared-memory message")
             self._shm_fd = fd
-            size = os.fstat(fd).st_size
-            self._shm_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            try:
+                size = os.fstat(fd).st_size
+                self._shm_map = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            except (OSError, ValueError) as exc:  # an empty or unmappable fd from the server
+                raise ServerClientError(
+                    f"{self._path}: the server's shared memory cannot be mapped: {exc}"
+                ) from exc
             self._shm_view = memoryview(self._shm_map)
         elif not 0 <= value <= 0xFFFF:
             self._close_quietly(fd)

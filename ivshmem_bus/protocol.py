@@ -499,8 +499,12 @@ def expects_response(msg: Message, profile: str = "qemu-v0") -> bool:
 def response_matches(request: Message, reply: Message, profile: str = "qemu-v0") -> bool:
     """True when ``reply`` answers ``request``.
 
-    qemu-v0 matches on msg_id and the bus bit (one request is outstanding at a time, as in
-    QEMU's ``virtio_msg_is_resp``); spec-v1 also needs the same token and dev_num.
+    spec-v1 matches on msg_id, the bus bit, token and dev_num. qemu-v0 has no token: QEMU
+    matches on msg_id alone (``virtio_msg_is_resp``), which lets a late response, after a
+    timeout, answer the next request of the same type, and the lag can persist. So where a
+    qemu-v0 response echoes a request field (QEMU's device does: the index of
+    GET/SET_FEATURES and GET/SET_VQUEUE, the offset of GET/SET_CONFIG, the va of
+    IOMMU_TRANSLATE), that field must match too.
     """
     _check_profile(profile)
     if not is_response(reply) or is_response(request):
@@ -509,4 +513,17 @@ def response_matches(request: Message, reply: Message, profile: str = "qemu-v0")
         return False
     if profile == "spec-v1":
         return reply.token == request.token and reply.dev_num == request.dev_num
-    return True
+    echoed = _QEMU_ECHOED.get(type(request))
+    return echoed is None or getattr(reply, echoed, None) == getattr(request, echoed)
+
+
+# qemu-v0 responses that carry a field of their request back (see response_matches).
+_QEMU_ECHOED: Final = {
+    m.GetFeatures: "index",
+    m.SetFeatures: "index",
+    m.GetVqueue: "index",
+    m.SetVqueue: "index",
+    m.GetConfig: "offset",
+    m.SetConfig: "offset",
+    m.IommuTranslate: "va",
+}

@@ -83,6 +83,36 @@ def queue_capacity(region_size: int) -> int:
     return max(0, (region_size - QUEUE_HEADER_SIZE) // SLOT_SIZE)
 
 
+def _checked_view(region: memoryview | bytearray) -> memoryview:
+    """A byte view of ``region`` fit for a queue; on refusal no view is left exported
+    (a traceback holding one would keep the owner's mmap from closing)."""
+    raw = memoryview(region)
+    try:
+        if raw.readonly:
+            raise ValueError("queue region is read-only: map shared memory PROT_READ|PROT_WRITE")
+        if not raw.c_contiguous:
+            raise ValueError("queue region must be a C-contiguous buffer")
+        view = raw.cast("B")
+    finally:
+        raw.release()
+    try:
+        capacity = queue_capacity(len(view))
+        if capacity < 2:
+            raise ValueError(
+                f"queue region of {len(view)} bytes holds {capacity} slot(s); at least 2 are "
+                f"needed ({QUEUE_HEADER_SIZE + 2 * SLOT_SIZE} bytes)"
+            )
+        if sys.byteorder != "little":
+            raise ValueError("queue indexes are little-endian words: big-endian hosts unsupported")
+        address = _address_of(view)
+        if address % 4:
+            raise ValueError(f"queue region starts at 0x{address:x}: not 4-byte aligned")
+    except BaseException:
+        view.release()
+        raise
+    return view
+
+
 def _address_of(view: memoryview) -> int:
     """Address of a writable buffer's first byte (used only to check alignment)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -115,32 +145,20 @@ class SpscQueue:
     )
 
     def __init__(self, region: memoryview | bytearray, *, fence: Callable[[], None] | None = None):
-        view = memoryview(region)
-        if view.readonly:
-            raise ValueError("queue region is read-only: map shared memory PROT_READ|PROT_WRITE")
-        if not view.c_contiguous:
-            raise ValueError("queue region must be a C-contiguous buffer")
-        view = view.cast("B")
-        capacity = queue_capacity(len(view))
-        if capacity < 2:
-            raise ValueError(
-                f"queue region of {len(view)} bytes holds {capacity} slot(s); at least 2 are "
-                f"needed ({QUEUE_HEADER_SIZE + 2 * SLOT_SIZE} bytes)"
-            )
-        if sys.byteorder != "little":
-            raise ValueError("queue indexes are little-endian words: big-endian hosts unsupported")
-        address = _address_of(view)
-        if address % 4:
-            raise ValueError(f"queue region starts at 0x{address:x}: not 4-byte aligned")
+        view = _checked_view(region)
         if fence is None:
             _warn_if_fence_needed()
         self._buf = view
         self._idx = view[:QUEUE_HEADER_SIZE].cast("I")
-        self._capacity = capacity
+        self._capacity = queue_capacity(len(view))
         self._fence = fence
         # Pick up where an existing queue left off (QEMU's spsc_open_mem does the same).
-        self._head = self._cached_head = self._load_head()
-        self._tail = self._cached_tail = self._load_tail()
+        try:
+            self._head = self._cached_head = self._load_head()
+            self._tail = self._cached_tail = self._load_tail()
+        except QueueCorrupt:
+            self.release()  # a refused queue holds no view of the region
+            raise
 
     # Shared-index access: the only code that touches the index words --------------------
 

@@ -294,9 +294,16 @@ class VirtioMsgDevice:
         )
 
     def _window(self, index: int, num: int) -> tuple[int, int]:
+        """(shift, mask) of feature blocks ``index .. index+num-1``, clipped to the device's
+        ``num_feature_bits``: index and num come from the peer, and an unclipped
+        ``mask << 32 * index`` with index 0xFFFFFFFF is a 17 GB integer."""
         if self.profile == "qemu-v0":
             num = min(num, 2)  # one u64 word carries the answer
-        return 32 * index, (1 << (32 * min(num, MAX_FEATURE_BLOCKS))) - 1
+        shift = 32 * index
+        if shift >= self.num_feature_bits:
+            return 0, 0  # past the last feature block: nothing there
+        bits = min(32 * min(num, MAX_FEATURE_BLOCKS), self.num_feature_bits - shift)
+        return shift, (1 << bits) - 1
 
     def _get_features(self, msg: p.GetFeatures) -> p.Message:
         shift, mask = self._window(msg.index, msg.num)

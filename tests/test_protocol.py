@@ -416,3 +416,17 @@ def test_plausible_headers_decode_or_raise_protocol_error(profile, type_, msg_id
     # skipped them) of the profile: it re-encodes and decodes equal
     assert dataclasses.replace(msg) == msg
     assert p.decode(p.encode(msg, profile), profile) == msg
+
+
+def test_qemu_v0_matching_also_checks_echoed_fields():
+    # a late response to an earlier GetConfig must not answer a later one
+    req = p.GetConfig(offset=2, size=4)
+    assert not p.response_matches(req, p.GetConfigResponse(0, 1, 0))
+    assert p.response_matches(req, p.GetConfigResponse(0, 2, 4, b"abcd"))
+    assert not p.response_matches(p.GetVqueue(1), p.GetVqueueResponse(0, 1024))
+    assert not p.response_matches(p.SetFeatures(1, 1, 0), p.SetFeaturesResponse(0, 1, 0))
+    assert not p.response_matches(
+        p.IommuTranslate(0x2000, 1), p.IommuTranslateResponse(0x1000, 5, 1)
+    )
+    # nothing to echo: msg_id alone, as QEMU
+    assert p.response_matches(p.GetDeviceStatus(), p.GetDeviceStatusResponse(3))
