@@ -348,6 +348,7 @@ class IvshmemServer:
         self._open_shm()
         self._table.shm_fd = self._shm_fd
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._check_socket_directory()
         self._remove_stale_socket()
         listener = self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -390,6 +391,25 @@ class IvshmemServer:
         if st.st_size not in (0, self._size):
             msg = f"shared memory {path} is {st.st_size} bytes, not {self._size}: pass "
             raise ServerError(msg + f"shm_size={st.st_size} or choose another file", path=path)
+
+    def _check_socket_directory(self) -> None:
+        """Refuse a directory where another user could replace our socket: it must be ours
+        (or root's), and not writable by others unless sticky, as /tmp is (there, only the
+        owner of a file may remove or rename it)."""
+        directory = os.path.dirname(os.path.abspath(self._path))
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            raise self._error(f"socket directory {directory}: {exc.strerror}", exc) from exc
+        owners = {os.geteuid(), 0}
+        writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid not in owners or (writable_by_others and not st.st_mode & stat.S_ISVTX):
+            raise ServerError(
+                f"socket directory {directory} can be changed by other users (owner uid "
+                f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}): another user could replace "
+                f"the socket; put it in a directory you own, e.g. $XDG_RUNTIME_DIR",
+                path=self._path,
+            )
 
     def _remove_stale_socket(self) -> None:
         """QEMU's server unlinks whatever is there; we replace only a socket nobody serves."""

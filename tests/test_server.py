@@ -542,3 +542,15 @@ def test_a_thread_failure_is_raised_by_stop(path, monkeypatch) -> None:
         with pytest.raises(ServerError, match="serving thread failed") as info:
             server.stop()
         assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_socket_directory_writable_by_others_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # world-writable, not sticky: anyone could swap the socket
+    with pytest.raises(ServerError, match=r"can be changed by other users.*mode 777"):
+        IvshmemServer(shared / "s.sock", shm_size="1M")
+    assert not (shared / "s.sock").exists()
+    shared.chmod(0o1777)  # sticky, like /tmp: allowed
+    with IvshmemServer(shared / "s.sock", shm_size="1M"):
+        assert (shared / "s.sock").exists()
