@@ -1,0 +1,112 @@
+"""tools/bench.py runs end to end with tiny counts and writes well-formed JSON.
+
+A benchmark is not a test (issue 8): nothing here looks at a figure's value, only that every
+case ran in its two processes and that the report has the shape runs are compared by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "tools" / "bench.py"
+CASES = {"raw", "encoded", "rtt", "flood", "doorbell"}
+LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--scale",
+            "0.0001",
+            "--runs",
+            "2",
+            "--quiet",
+            "--json",
+            str(out),
+            "--cache-dir",
+            str(tmp / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def test_report_header(report):
+    data, _ = report
+    assert data["schema"] == "ivshmem-bus-bench/1"
+    assert set(data["cases"]) == CASES
+    assert data["runs"] == 2
+    assert data["errors"] == []
+    assert set(data["foreign_cpu"]) == CASES
+    machine = data["machine"]
+    for key in ("cpu", "cores", "kernel", "python", "c_reference", "note"):
+        assert machine[key], key
+    assert isinstance(machine["compiled_helper"], bool)
+
+
+def test_every_figure_is_a_median_of_the_runs(report):
+    data, _ = report
+    results = data["results"]
+    assert {r["group"] for r in results} == CASES
+    ids = [r["id"] for r in results]
+    assert len(ids) == len(set(ids))
+    for rec in results:
+        assert rec["impl"] in ("python", "c"), rec["id"]
+        assert rec["foreign_cpu"] is None or 0.0 <= rec["foreign_cpu"] <= 1.0
+        assert rec["label"] and isinstance(rec["params"], dict)
+        assert rec["metrics"], rec["id"]
+        for name, stat in rec["metrics"].items():
+            assert isinstance(stat["unit"], str), (rec["id"], name)
+            assert len(stat["runs"]) == 2, (rec["id"], name)
+            assert all(_is_number(v) for v in stat["runs"]), (rec["id"], name)
+            assert stat["min"] <= stat["median"] <= stat["max"], (rec["id"], name)
+            assert stat["min"] == min(stat["runs"]) and stat["max"] == max(stat["runs"])
+
+
+def test_expected_cases_and_metrics(report):
+    data, _ = report
+    by_id = {r["id"]: r for r in data["results"]}
+    c_built = not data["machine"]["c_reference"].startswith(("no C", "skipped"))
+    for q in ("q62", "q4096"):
+        for api in ("per-call", "batch", "drain"):
+            assert by_id[f"raw.{q}.{api}"]["metrics"]["rate"]["median"] > 0
+        assert (f"raw.{q}.c" in by_id) == c_built
+    assert by_id["encoded.codec"]["metrics"]["rate"]["median"] > 0
+    assert "doorbells_per_msg" in by_id["encoded.bus"]["metrics"]
+    for rid in ("rtt.python.busy-poll", "rtt.python.eventfd"):
+        assert set(by_id[rid]["metrics"]) == LATENCY
+    assert ("rtt.c.eventfd" in by_id) == c_built
+    assert [r for r in data["results"] if r["group"] == "flood"]
+    assert by_id["doorbell.burst"]["metrics"]["doorbells_per_burst"]["median"] > 0
+    if c_built:
+        assert set(data["ratios"]) >= {"raw.q62.batch/c", "rtt.eventfd.p50/c"}
+    for target in data["targets"]:
+        assert set(target) == {"name", "goal", "value", "unit", "met"}
+        assert target["met"] in (True, False, None)
+
+
+def test_table_printed(report):
+    _, stdout = report
+    assert "raw 64-byte slots, one way" in stdout
+    assert "round trip, us" in stdout
+    assert "targets (issue 8)" in stdout
