@@ -71,6 +71,7 @@ class ServerClientDevice(IvshmemDevice):
         self.regs = Bar0(self._words)
         try:
             self._open(timeout)
+            self._poller()  # made now, so the fds of an open device stay constant
         except BaseException:
             self.close()
             raise
@@ -215,6 +216,7 @@ class ServerClientDevice(IvshmemDevice):
 
         The register view goes too, as on the other backends: using a closed device fails.
         """
+        self.close_poller()
         self._words.release()
         if self._shm_view is not None:
             self._shm_view.release()

@@ -55,6 +55,7 @@ class FakeDevice(IvshmemDevice):
         self._bar0_map: mmap.mmap | None = None
         try:
             self._open(shm_fd, bar0_fd)
+            self._poller()  # made now, so the fds of an open device stay constant
         except BaseException:
             self.close()
             raise
@@ -84,6 +85,7 @@ class FakeDevice(IvshmemDevice):
 
     def close(self) -> None:
         """Unmap BAR0 and BAR2 and close every fd this device owns. Idempotent."""
+        self.close_poller()
         if getattr(self, "_words", None) is not None:
             self._words.release()
             self._words = None

@@ -19,6 +19,7 @@ the message's own msg_size. Bad arguments to ``encode`` raise ``ValueError``/``T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,6 +184,16 @@ class _Layout:
     # Fields this profile cannot carry must hold these values (else encode raises).
     absent: tuple[str, ...] = ()
 
+    @property
+    def absent_defaults(self) -> tuple[tuple[str, object], ...]:
+        return _absent_defaults(self.cls, self.absent)
+
+
+@functools.cache
+def _absent_defaults(cls: type[Message], absent: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    return tuple((name, fields[name]) for name in absent)
+
 
 def _L(cls: type[Message], fmt: str = "", names: str = "", **kw) -> _Layout:
     return _Layout(cls, struct.Struct("<" + fmt), tuple(names.split()), **kw)
@@ -334,8 +345,7 @@ def encode(msg: Message, profile: str = "qemu-v0") -> bytes:
         raise ValueError(f"{name} is not a {profile} message")
     if profile == "qemu-v0" and msg.token:
         raise ValueError(f"{name}.token={msg.token}: qemu-v0 has no token field (use spec-v1)")
-    cls_defaults = {f: type(msg).__dataclass_fields__[f].default for f in layout.absent}
-    for field, default in cls_defaults.items():
+    for field, default in layout.absent_defaults:
         if getattr(msg, field) != default:
             raise ValueError(f"{name}.{field} cannot be carried by {profile}: must be {default!r}")
     try:

@@ -60,6 +60,7 @@ class VfioIvshmemDevice(IvshmemDevice):
         self._bar0_words: MmapWords | None = None
         try:
             self._open(group_path, container_path, sysfs, ioctl)
+            self._poller()  # made now, so the fds of an open device stay constant
         except BaseException:
             self.close()
             raise
@@ -114,6 +115,7 @@ class VfioIvshmemDevice(IvshmemDevice):
 
     def close(self) -> None:
         """IRQs off, eventfds, munmap, device fd, group, container. Idempotent."""
+        self.close_poller()
         if self._shm_view is not None:
             self._shm_view.release()
             self._shm_view = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pwd
 import random
 import resource
 import shutil
@@ -815,7 +816,9 @@ def _unprivileged_session(directory: str, conn) -> None:
 
 def test_server_client_and_fake_pair_need_no_root(tmp_path) -> None:
     directory = tempfile.mkdtemp(prefix="ivshmem-noroot-")  # not under pytest's 0700 tree
-    os.chmod(directory, 0o777)
+    if os.geteuid() == 0:  # the unprivileged user's own directory (0700), as the server wants
+        nobody = pwd.getpwnam("nobody")
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
     try:
         parent, child_end = multiprocessing.get_context("fork").Pipe(duplex=False)
         proc = _fork(_unprivileged_session, directory, child_end)
