@@ -2,32 +2,104 @@
 
 The backend choice lives here, in one small place (ixy's device.c): ``--server PATH`` joins
 an ivshmem server as QEMU's ivshmem-doorbell device does; ``--device BDF`` opens a VFIO-bound
-PCI function inside a guest. ``--remote-vmid auto`` means "the one other peer the server
-announced": a server client can list peers, a VFIO device cannot (the guest sees only its
+PCI function inside a guest; ``--fake DIR`` joins a private fake fabric (a server it starts
+if needed), which is also the default where no ivshmem hardware is present.
+``--remote-vmid auto`` means "the one other peer the server announced": a server client can
+list peers, a VFIO device cannot (the guest sees only its
 own IVPosition), so there the id must be given.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 from .client import ServerClientDevice
 from .device import IvshmemDevice
-from .errors import IvshmemBusError
+from .errors import IvshmemBusError, ServerClientError
 
-__all__ = ["RemoteVmidError", "follow_single_peer", "open_backend", "resolve_remote_vmid"]
+__all__ = [
+    "RemoteVmidError",
+    "default_fake_dir",
+    "fake_socket",
+    "follow_single_peer",
+    "open_backend",
+    "resolve_remote_vmid",
+]
 
 
 class RemoteVmidError(IvshmemBusError):
     """``--remote-vmid auto`` found no peer, or several."""
 
 
+FAKE_VECTORS = 2
+FAKE_IDLE_EXIT = 60.0  # seconds a fake fabric's server lives on with no peer
+
+
+def default_fake_dir() -> str:
+    """Where the fake fabric lives by default: private to the user."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return os.path.join(base, "ivshmem-bus-fake")
+    return os.path.join(tempfile.gettempdir(), f"ivshmem-bus-fake-{os.geteuid()}")
+
+
+def fake_socket(directory: str) -> str:
+    """The fabric's server socket, starting a detached server there if none is live.
+
+    The fake device on the command line is a fabric, not a pair: unrelated shells must ring
+    each other, which takes eventfds handed out by one process. So a fake fabric is a
+    private ivshmem server in ``directory`` (0700) that exits after ``FAKE_IDLE_EXIT``
+    seconds with no peer; every fake peer is a client of it, as QEMU guests would be.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    sock = os.path.join(directory, "ivshmem.sock")
+    if _listening(sock):
+        return sock
+    log_path = os.path.join(directory, "server.log")
+    with open(log_path, "ab") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "ivshmem_bus", "server", "-S", sock, "-l", "4M",
+             "-n", str(FAKE_VECTORS), "--idle-exit", str(FAKE_IDLE_EXIT)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    with open(os.path.join(directory, "server.pid"), "w") as pid_file:
+        pid_file.write(f"{server.pid}\n")  # to stop it before its idle exit: kill $(cat ...)
+    deadline = time.monotonic() + 10
+    while not _listening(sock):  # a concurrent start may win: either server will do
+        if time.monotonic() > deadline:
+            raise ServerClientError(f"the fake fabric's server did not start: see {log_path}")
+        time.sleep(0.02)
+    return sock
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def open_backend(
-    *, server: str | None = None, device: str | None = None, vectors: int = 1, timeout: float = 5.0
+    *,
+    server: str | None = None,
+    device: str | None = None,
+    fake: str | None = None,
+    vectors: int = 1,
+    timeout: float = 5.0,
 ) -> IvshmemDevice:
-    """Open the device named by exactly one of ``server`` or ``device``."""
-    if (server is None) == (device is None):
-        raise ValueError("name exactly one backend: --server PATH or --device BDF")
+    """Open the device named by exactly one of ``server``, ``device`` or ``fake``."""
+    if sum(x is not None for x in (server, device, fake)) != 1:
+        raise ValueError("name exactly one backend: --server PATH, --device BDF or --fake DIR")
+    if fake is not None:
+        return ServerClientDevice(fake_socket(fake), vectors=FAKE_VECTORS, timeout=timeout)
     if server is not None:
         return ServerClientDevice(server, vectors=vectors, timeout=timeout)
     from .device import open_device

@@ -49,9 +49,12 @@ def _vmid_arg(text: str) -> str:
 
 
 def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> None:
-    where = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="PATH", help="join the ivshmem server at PATH")
     where.add_argument("--device", metavar="BDF", help="a VFIO-bound ivshmem PCI function")
+    where.add_argument(
+        "--fake", metavar="DIR", help="a fake fabric in DIR (the default without ivshmem hardware)"
+    )
     p.add_argument("--vectors", type=int, default=1, help="vectors the server gives (-n)")
     p.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     if remote:
@@ -117,6 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("-m", "--shm", dest="shm", metavar="PATH", help="file to share")
     server.add_argument("-F", dest="foreground", action="store_true", help="foreground (default)")
     server.add_argument("--max-peers", type=int, default=64)
+    server.add_argument(
+        "--idle-exit",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="exit after SECONDS with no peer (fake fabrics use this)",
+    )
     server.set_defaults(func=cmd_server)
 
     serve = sub.add_parser("serve", help="run the Python virtio-msg device (device role)")
@@ -153,8 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser(
         "monitor", help="read-only tap on both queues of a live link (never writes)"
     )
-    src = monitor.add_mutually_exclusive_group(required=True)
+    src = monitor.add_mutually_exclusive_group()
     src.add_argument("--server", metavar="PATH", help="take BAR2 from this server, then hang up")
+    src.add_argument("--fake", metavar="DIR", help="the fake fabric in DIR (the default)")
     src.add_argument("--shm", metavar="FILE", help="a shared-memory file (the server's -m)")
     monitor.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     monitor.add_argument("--pcap", metavar="FILE", help="also write a pcap (tools/virtio-msg.lua)")

@@ -12,6 +12,7 @@ import logging
 import mmap
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -84,7 +85,31 @@ def _stop_on_signals() -> threading.Event:
 def _backend(args: argparse.Namespace):
     from .backends import open_backend
 
-    return open_backend(server=args.server, device=args.device, vectors=args.vectors)
+    _default_to_fake(args)
+    return open_backend(
+        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors
+    )
+
+
+def _default_to_fake(args: argparse.Namespace) -> None:
+    """No backend named: the fake device where no ivshmem hardware is present (said so)."""
+    if args.server or getattr(args, "device", None) or args.fake:
+        return
+    from . import pci
+    from .backends import default_fake_dir
+
+    found = pci.list_ivshmem(args.sysfs)
+    if found:
+        raise ValueError(
+            f"ivshmem hardware is present ({', '.join(f.bdf for f in found)}): choose "
+            f"--device BDF, --server PATH or --fake DIR"
+        )
+    args.fake = default_fake_dir()
+    print(
+        f"no ivshmem hardware: using the fake device (a private fabric in {args.fake})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -101,7 +126,17 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"memory, {server.vectors} vector(s), up to {server.max_peers} peers",
             flush=True,
         )
-        server.serve_forever(stop)
+        if args.idle_exit is None:
+            server.serve_forever(stop)
+        else:  # a fake fabric's server: gone once nobody has used it for a while
+            idle_since = time.monotonic()
+            while not stop.is_set():
+                server.serve_forever(stop, timeout=0.5)
+                if server.peer_ids:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= args.idle_exit:
+                    print(f"no peer for {args.idle_exit:g} s: exiting", flush=True)
+                    break
     print("ivshmem server stopped", flush=True)
     return 0
 
@@ -205,12 +240,15 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
     stop = _stop_on_signals()
     fd = -1
-    if args.server:
+    if args.shm:
+        fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        from .backends import fake_socket
         from .client import fetch_shared_memory
 
-        fd = fetch_shared_memory(args.server)
-    else:
-        fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
+        if not args.server:
+            _default_to_fake(args)
+        fd = fetch_shared_memory(args.server or fake_socket(args.fake))
     try:
         size = os.fstat(fd).st_size
         with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:

@@ -156,8 +156,42 @@ def test_errors_name_the_fix_and_bad_usage_exits_2(tmp_path):
     assert out.returncode == 2 and "not a VMID" in out.stderr
     out = run("server", "-S", str(tmp_path / "x.sock"), "-l", "3M")
     assert out.returncode == 2 and "not a power of two" in out.stderr
-    out = run("probe")
-    assert (
-        out.returncode == 2 and "one of the arguments --server --device is required" in out.stderr
-    )
+    out = run("probe", "--server", "a", "--fake", "b")
+    assert out.returncode == 2 and "not allowed with argument" in out.stderr
     assert not os.path.exists(tmp_path / "x.sock")
+
+
+def test_fake_fabric_across_processes_and_as_the_default(tmp_path):
+    """--fake DIR: unrelated processes meet on a private server the first one starts."""
+    fabric = tmp_path / "fabric"
+    serve = Background(tmp_path, "serve", "serve", "--fake", str(fabric))
+    try:
+        serve.wait_for("waiting for the driver's peer")
+        out = run("probe", "--fake", str(fabric), "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["device_name"] == "entropy"
+        assert oct((fabric).stat().st_mode & 0o777) == "0o700"
+        assert (fabric / "ivshmem.sock").exists()
+    finally:
+        serve.stop(signal.SIGINT)
+        pid = int((fabric / "server.pid").read_text())
+        os.kill(pid, signal.SIGTERM)  # the fabric's server would exit after 60 s idle
+    # no backend named and no ivshmem hardware here: the fake, and it says so
+    env_dir = tmp_path / "xdg"
+    env_dir.mkdir(mode=0o700)
+    out = subprocess.run(
+        cli("ping", "-c", "1"), capture_output=True, text=True, timeout=30, cwd=ROOT,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(env_dir)},
+    )  # fmt: skip
+    assert "no ivshmem hardware: using the fake device" in out.stderr
+    assert out.returncode == 1  # nobody serves on the fresh fabric
+    assert "no other peer is connected" in out.stderr
+    os.kill(int((env_dir / "ivshmem-bus-fake" / "server.pid").read_text()), signal.SIGTERM)
+
+
+def test_fake_fabric_server_exits_when_idle(tmp_path):
+    sock = tmp_path / "s.sock"
+    out = run("server", "-S", str(sock), "-l", "1M", "--idle-exit", "0.3", timeout=20)
+    assert out.returncode == 0
+    assert "no peer for 0.3 s: exiting" in out.stdout
+    assert not sock.exists()
