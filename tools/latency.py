@@ -18,6 +18,8 @@ import platform
 import statistics
 import time
 
+from bench import cpu_model  # tools/ is on sys.path when run as a script
+
 from ivshmem_bus import protocol as p
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.demo import served_device
@@ -57,17 +59,6 @@ def measure(mode: str, count: int, profile: str) -> dict[str, float]:
         "max_us": round(max(times), 1),
         "over_1ms": sum(t > 1000 for t in times),
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:
