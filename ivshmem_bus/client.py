@@ -11,8 +11,9 @@ our own id + eventfd once per vector. Later: a new peer's id + eventfd per vecto
 id with no fd when it leaves.
 
 The initial burst is read synchronously (until our own ``vectors`` eventfds arrived); later
-announcements are read without blocking whenever the device is used (``ring``, ``wait``,
-``peers``), so the peer table is current without a thread.
+announcements are read without blocking in ``wait`` and ``peers``, and by ``ring`` only for
+a peer it does not know yet (not on every doorbell: a departed peer's eventfd copy stays
+valid, and ringing it is harmless), so the peer table is current without a thread.
 
 The server is another process on the host, trusted no more than needed: ids are range
 checked, a peer gets at most 64 vectors, and every fd received that is not kept is closed.
@@ -58,7 +59,7 @@ class ServerClientDevice(IvshmemDevice):
         self._path = os.fspath(path)
         self._want_vectors = vectors
         self._sock: socket.socket | None = None
-        self._buf = b""
+        self._buf = bytearray()  # a message split across reads waits here
         self._id = -1
         self._shm_fd = -1
         self._shm_map: mmap.mmap | None = None
@@ -110,23 +111,13 @@ class ServerClientDevice(IvshmemDevice):
 
     def _recv(self) -> tuple[int, int]:
         """One int64 and its fd (or -1). Raises ServerClientError on EOF."""
-        assert self._sock is not None
-        fd = -1
-        while len(self._buf) < 8:
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, 8 - len(self._buf), 4)
-            for extra in fds[1:] if fd == -1 else fds:  # at most one fd per message
-                os.close(extra)
-            if fds and fd == -1:
-                fd = fds[0]
-            if not data:
-                if fd != -1:
-                    os.close(fd)
-                self.server_gone = True
-                raise ServerClientError(f"{self._path}: the ivshmem server closed the connection")
-            self._buf += data
-        value = int.from_bytes(self._buf[:8], "little", signed=True)
-        self._buf = self._buf[8:]
-        return value, fd
+        if self._sock is None:
+            raise ServerClientError(f"{self._path}: the client is closed")
+        try:
+            return _recv_message(self._sock, self._buf, self._path)
+        except _ServerClosed:
+            self.server_gone = True
+            raise
 
     def _no_fd(self, fd: int) -> None:
         if fd != -1:
@@ -190,8 +181,10 @@ class ServerClientDevice(IvshmemDevice):
     # Device interface -----------------------------------------------------------------------------
 
     def _ring(self, peer: int, vector: int) -> None:
-        self.update()
         fds = self._peers.get(peer)
+        if fds is None or vector >= len(fds):  # perhaps announced since we last looked
+            self.update()
+            fds = self._peers.get(peer)
         if fds is not None and vector < len(fds):
             os.write(fds[vector], _ONE)
         # as on hardware, a doorbell to an absent peer or vector is dropped
@@ -263,17 +256,46 @@ def fetch_shared_memory(path: str | os.PathLike[str], timeout: float = 5.0) -> i
             sock.connect(path)
         except OSError as exc:
             raise ServerClientError(f"cannot connect to ivshmem server at {path}: {exc}") from exc
-        got: list[int] = []
+        pending = bytearray()
         try:
-            while len(got) < 3:  # version, own id, then -1 with the shm fd
-                data, fds, _flags, _addr = socket.recv_fds(sock, 8, 4)
-                if not data:
-                    raise ServerClientError(f"{path}: the server closed the connection")
-                got.append(int.from_bytes(data.ljust(8, b"\0"), "little", signed=True))
-                if len(got) == 3 and got[2] == -1 and len(fds) == 1:
-                    return fds[0]
-                for fd in fds:
+            for _ in range(2):  # the version and our id: no fd expected
+                _value, fd = _recv_message(sock, pending, path)
+                if fd != -1:
                     os.close(fd)
+            value, fd = _recv_message(sock, pending, path)
         except TimeoutError as exc:
             raise ServerClientError(f"{path}: no greeting from the server") from exc
-    raise ServerClientError(f"{path}: the greeting did not carry the shared memory")
+    if value != -1 or fd == -1:
+        if fd != -1:
+            os.close(fd)
+        raise ServerClientError(f"{path}: the greeting did not carry the shared memory")
+    return fd
+
+
+class _ServerClosed(ServerClientError):
+    """The server closed the connection (EOF)."""
+
+
+def _recv_message(sock: socket.socket, pending: bytearray, where: str) -> tuple[int, int]:
+    """One server message: a little-endian int64 and at most one fd (-1 if none).
+
+    The stream may split a message across reads: bytes wait in ``pending``. Every fd beyond
+    the first of a message is closed at once, so a server cannot make us hold fds we do not
+    use. Raises ``_ServerClosed`` on EOF (closing a received fd first); a non-blocking socket
+    with nothing to read raises BlockingIOError with ``pending`` kept for the next call.
+    """
+    fd = -1
+    while len(pending) < 8:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 8 - len(pending), 4)
+        for extra in fds[1:] if fd == -1 else fds:  # at most one fd per message
+            os.close(extra)
+        if fds and fd == -1:
+            fd = fds[0]
+        if not data:
+            if fd != -1:
+                os.close(fd)
+            raise _ServerClosed(f"{where}: the ivshmem server closed the connection")
+        pending += data
+    value = int.from_bytes(pending[:8], "little", signed=True)
+    del pending[:8]
+    return value, fd

@@ -167,3 +167,50 @@ def test_invalid_peer_ids_are_ignored_and_their_fds_closed(tmp_path, fds):
         assert open_fds() == before + 1
     finally:
         server.close()
+
+
+def test_fetch_shared_memory_survives_a_greeting_split_across_reads(tmp_path, fds):
+    from ivshmem_bus.client import fetch_shared_memory
+
+    shm = fds("shm")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s"))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        stream = msg(0) + msg(7)
+        for start, end in ((0, 3), (3, 8), (8, 13), (13, 16)):  # every message split
+            conn.sendall(stream[start:end])
+            threading.Event().wait(0.01)
+        socket.send_fds(conn, [msg(-1)[:2]], [shm])  # the fd rides on the first fragment
+        conn.sendall(msg(-1)[2:])
+        threading.Event().wait(0.2)
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        got = fetch_shared_memory(tmp_path / "s")
+        assert os.fstat(got).st_size == 16384
+        os.close(got)
+    finally:
+        t.join(5)
+        listener.close()
+
+
+def test_ringing_a_known_peer_reads_nothing_from_the_server(tmp_path, fds):
+    shm, peer3, own = fds("shm"), fds(), fds()
+    server = ScriptedServer(tmp_path / "s", [(0, None), (7, None), (-1, shm), (3, peer3), (7, own)])
+    try:
+        with ServerClientDevice(tmp_path / "s", vectors=1) as dev:
+            looks = []
+            real = dev.update
+            dev.update = lambda: looks.append(1) or real()
+            dev.ring(3, 0)
+            assert looks == []  # no syscall on the server socket per doorbell
+            dev.ring(9, 0)  # unknown: look for an announcement once
+            assert looks == [1]
+            assert os.eventfd_read(peer3) == 1
+    finally:
+        server.close()
