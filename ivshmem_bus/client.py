@@ -27,7 +27,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from .device import IvshmemDevice
+from .device import IvshmemDevice, unmap
 from .errors import ServerClientError
 from .regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
 
@@ -180,7 +180,7 @@ class ServerClientDevice(IvshmemDevice):
 
     # Device interface -----------------------------------------------------------------------------
 
-    def _ring(self, peer: int, vector: int) -> None:
+    def _ring(self, peer: int, vector: int, value: int) -> None:
         fds = self._peers.get(peer)
         if fds is None or vector >= len(fds):  # perhaps announced since we last looked
             self.update()
@@ -215,10 +215,7 @@ class ServerClientDevice(IvshmemDevice):
             self._shm_view.release()
             self._shm_view = None
         if self._shm_map is not None:
-            try:
-                self._shm_map.close()
-            except BufferError:
-                log.warning("%s: shared memory still in use by a view at close", self._path)
+            unmap(self._shm_map, self._path)
             self._shm_map = None
         fds = [self._shm_fd, *self._own, *(fd for v in self._peers.values() for fd in v)]
         self._shm_fd, self._own, self._peers = -1, [], {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import os
 import select
 import time
@@ -23,7 +24,9 @@ from collections.abc import Callable, Sequence
 
 from .regs import Bar0, doorbell_value
 
-__all__ = ["IvshmemDevice", "open_device"]
+__all__ = ["IvshmemDevice", "open_device", "unmap"]
+
+log = logging.getLogger(__name__)
 
 
 class IvshmemDevice(abc.ABC):
@@ -40,11 +43,11 @@ class IvshmemDevice(abc.ABC):
         Raises:
             ValueError: peer not in 0..65535 or vector not in 0..255.
         """
-        doorbell_value(peer, vector)  # range check before any backend work
-        self._ring(peer, vector)
+        self._ring(peer, vector, doorbell_value(peer, vector))  # range-checked once, here
 
     @abc.abstractmethod
-    def _ring(self, peer: int, vector: int) -> None: ...
+    def _ring(self, peer: int, vector: int, value: int) -> None:
+        """Deliver a doorbell; ``value`` is the checked Doorbell word for it."""
 
     @abc.abstractmethod
     def vector_fds(self) -> Sequence[int]:
@@ -173,6 +176,15 @@ class IvshmemDevice(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+def unmap(mapping, owner: str) -> None:
+    """Close a backend's mmap at close time. A caller may still hold a view of it (an mmap
+    with exports cannot close): then the mapping goes when that view does, and we say so."""
+    try:
+        mapping.close()
+    except BufferError:
+        log.warning("%s: shared memory still in use by a view at close", owner)
 
 
 def _read_eventfd(fd: int) -> int:

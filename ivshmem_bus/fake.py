@@ -11,18 +11,15 @@ does not use without breaking the other.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .device import IvshmemDevice
+from .device import IvshmemDevice, unmap
 from .regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
 
 __all__ = ["FakeDevice", "fake_pair"]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SHM_SIZE = 1 << 20
 _ONE = (1).to_bytes(8, "little")
@@ -70,8 +67,8 @@ class FakeDevice(IvshmemDevice):
 
     # Methods ------------------------------------------------------------------------------------
 
-    def _ring(self, peer: int, vector: int) -> None:
-        self.regs.ring(peer, vector)  # the guest's one store, kept in the register file
+    def _ring(self, peer: int, vector: int, value: int) -> None:
+        self.regs.write_doorbell(value)  # the guest's one store, kept in the register file
         fds = self._peer_fds.get(peer)
         if fds is not None and vector < len(fds):
             os.write(fds[vector], _ONE)
@@ -96,10 +93,7 @@ class FakeDevice(IvshmemDevice):
             mapping = getattr(self, attr)
             setattr(self, attr, None)
             if mapping is not None:
-                try:
-                    mapping.close()
-                except BufferError:  # a caller still holds a view: unmapped when it goes
-                    log.warning("%s: shared memory still in use by a view at close", self._name)
+                unmap(mapping, self._name)
         fds, self._fds = self._fds, []
         self._own_fds, self._peer_fds = [], {}
         for fd in fds:

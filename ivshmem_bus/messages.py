@@ -92,7 +92,7 @@ MAX_FEATURE_BLOCKS = 8  # spec-v1: 8 u32 blocks fill a 40-byte payload with inde
 
 
 def _check_uint(cls: str, name: str, value: object, bits: int) -> None:
-    if (type(value) is not int and not isinstance(value, int)) or isinstance(value, bool):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{cls}.{name} must be an int, not {type(value).__name__}")
     if not 0 <= value < 1 << bits:
         raise ValueError(f"{cls}.{name}={value} does not fit u{bits}")

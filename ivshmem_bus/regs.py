@@ -131,4 +131,8 @@ class Bar0:
 
     def ring(self, peer: int, vector: int = 0) -> None:
         """One 32-bit store of ``(peer << 16) | vector`` to Doorbell."""
-        self.words.write32(DOORBELL, doorbell_value(peer, vector))
+        self.write_doorbell(doorbell_value(peer, vector))
+
+    def write_doorbell(self, value: int) -> None:
+        """Store a Doorbell word already made by ``doorbell_value`` (one 32-bit store)."""
+        self.words.write32(DOORBELL, value)

@@ -99,8 +99,8 @@ class VfioIvshmemDevice(IvshmemDevice):
 
     # Device interface -----------------------------------------------------------------------------
 
-    def _ring(self, peer: int, vector: int) -> None:
-        self.regs.ring(peer, vector)  # the one 32-bit store is the doorbell
+    def _ring(self, peer: int, vector: int, value: int) -> None:
+        self.regs.write_doorbell(value)  # the one 32-bit store is the doorbell
 
     def vector_fds(self) -> Sequence[int]:
         return self._eventfds
