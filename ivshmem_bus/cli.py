@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__, protocol
+from . import __version__, bench, protocol
 from .cli_link import (
     cmd_demo,
     cmd_monitor,
@@ -173,6 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--duration", type=float, default=None, metavar="SECONDS")
     monitor.add_argument("--interval", type=float, default=1e-4, metavar="SECONDS")
     monitor.set_defaults(func=cmd_monitor)
+
+    bench_cmd = sub.add_parser(
+        "bench",
+        help="throughput and latency against a C reference (issue 8's benchmark)",
+        description=bench.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_cmd)  # the options of python tools/bench.py, exactly
+    bench_cmd.set_defaults(func=bench.cmd_bench)
     return parser
 
 

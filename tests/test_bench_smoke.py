@@ -1,13 +1,17 @@
-"""tools/bench.py runs end to end with tiny counts and writes well-formed JSON.
+"""The benchmark runs end to end with tiny counts and writes well-formed JSON, both as
+``python tools/bench.py`` and as ``ivshmem-bus bench``.
 
 A benchmark is not a test (issue 8): nothing here looks at a figure's value, only that every
-case ran in its two processes and that the report has the shape runs are compared by.
+case ran in its two processes, that the report has the shape runs are compared by, and that
+the table stays plain text when it is not printed to a terminal (the README quotes it).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
 CASES = {"raw", "encoded", "rtt", "flood", "doorbell"}
 LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
+RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in ("per-call", "batch", "drain")}
+# Not a terminal, and nothing forcing rich to colour anyway.
+ENV = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+ANSI = re.compile(r"\x1b\[")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +50,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         text=True,
         timeout=120,
         cwd=tmp,
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()), proc.stdout
@@ -110,3 +119,66 @@ def test_table_printed(report):
     assert "raw 64-byte slots, one way" in stdout
     assert "round trip, us" in stdout
     assert "targets (issue 8)" in stdout
+
+
+def test_table_is_plain_text_when_piped(report):
+    data, stdout = report
+    assert not ANSI.search(stdout)
+    assert not [line for line in stdout.splitlines() if line != line.rstrip()]
+    lines = stdout.splitlines()
+    for rec in data["results"]:  # no cell wrapped: a row is one line with all its figures
+        if rec["group"] in ("rtt", "flood"):
+            row = next(line for line in lines if line.strip().startswith(rec["label"]))
+            assert row.count(" [") == len(rec["metrics"]), row
+
+
+def test_console_script_runs_the_same_benchmark(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ivshmem_bus",
+            "bench",
+            "--scale",
+            "0.0001",
+            "--runs",
+            "1",
+            "--only",
+            "raw",
+            "--quiet",
+            "--json",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "raw 64-byte slots, one way" in proc.stdout
+    assert not ANSI.search(proc.stdout)
+    data = json.loads(out.read_text())
+    assert data["schema"] == "ivshmem-bus-bench/1"
+    assert data["cases"] == ["raw"] and data["runs"] == 1 and data["errors"] == []
+    ids = {r["id"] for r in data["results"]}
+    assert ids - {"raw.q62.c", "raw.q4096.c"} == RAW_IDS
+    for rec in data["results"]:
+        assert rec["group"] == "raw"
+        for stat in rec["metrics"].values():
+            assert set(stat) == {"unit", "median", "min", "max", "runs"}
+            assert len(stat["runs"]) == 1 and _is_number(stat["median"])
+
+
+def test_console_script_takes_exactly_the_benchmark_options():
+    def options(cmd: list[str]) -> list[str]:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split("options:", 1)[1].splitlines()
+
+    script = options([sys.executable, str(BENCH), "--help"])
+    assert "--wait-quiet S" in "\n".join(script)
+    assert options([sys.executable, "-m", "ivshmem_bus", "bench", "--help"]) == script

@@ -1,0 +1,257 @@
+"""Latency cases: ``rtt`` (request/response round trips) and ``flood`` (the serve loop).
+
+Round trips run against a real device (``RngDevice`` in a forked ``served_device``) with both
+sides busy-polling and with both woken by eventfd, beside the two C floors of the same
+modes. The flood keeps the device's queue fed back to back: its worst response time is what
+QEMU's ~1 ms deadline on the driver side is checked against.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ivshmem_bus import protocol as p
+from ivshmem_bus.bus import (
+    DEVICE_QUEUE_OFFSET,
+    DRIVER_QUEUE_OFFSET,
+    QUEUE_SIZE,
+    VirtioMsgBus,
+    reset_queues_of,
+)
+from ivshmem_bus.demo import served_device
+from ivshmem_bus.fake import fake_pair
+from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.transport import RngDevice
+
+from .harness import (
+    CHILD_TIMEOUT,
+    LATENCY_UNITS,
+    PROFILE,
+    Config,
+    _Deadline,
+    _get_wait,
+    _put_wait,
+    combine,
+    percentiles_us,
+    record,
+    shm_file,
+)
+
+__all__ = ["FLOOD_WINDOWS", "RTT_MODES", "c_pingpong_run", "case_flood", "case_rtt"]
+
+# Round trips --------------------------------------------------------------------------------------
+
+RTT_MODES = {"busy-poll": 1.0, "eventfd": 0.0}  # spin seconds on both sides
+
+
+def rtt_python_run(spin: float, count: int) -> dict[str, float]:
+    a, b = fake_pair(shm_size=16384)
+    peer = b.vmid
+    try:
+        reset_queues_of(a)
+        with served_device(b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin):
+            b.close()
+            with VirtioMsgBus(a, "driver", peer, PROFILE, spin=spin) as bus:
+                request, msg = bus.request, p.GetDeviceStatus()
+                for _ in range(min(1000, count)):  # warm up both processes
+                    request(msg, 5.0)
+                clock = time.perf_counter_ns
+                times = array.array("q", bytes(8 * count))
+                for i in range(count):
+                    t0 = clock()
+                    request(msg, 5.0)
+                    times[i] = clock() - t0
+    finally:
+        a.close()
+        b.close()
+    return percentiles_us(times)
+
+
+def _read_u64(path: str, n: int, index: int = 0) -> array.array:
+    data = array.array("Q")
+    with open(path, "rb") as f:
+        f.seek(8 * n * index)
+        data.fromfile(f, n)
+    return data
+
+
+def c_pingpong_run(binary: Path, mode: str, count: int) -> tuple[dict[str, float], array.array]:
+    """C ping-pong round trips (and, for eventfd, the one-way wake-ups as second value)."""
+    with tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as tmp:
+        out = os.path.join(tmp, "samples")
+        if mode == "spin":
+            with shm_file(8192) as path:
+                args = [str(binary), "spin-rtt", path, str(count), out]
+                proc = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        else:
+            args = [str(binary), "efd", str(count), out]
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"C {mode} ping-pong failed: {proc.stderr.strip()}")
+        rtt = _read_u64(out, count)
+        oneway = _read_u64(out, count, 1) if mode == "efd" else array.array("Q")
+    return percentiles_us(rtt), oneway
+
+
+def case_rtt(cfg: Config) -> list[dict[str, Any]]:
+    out = []
+    n = cfg.count("rtt.python")
+    nc = cfg.count("rtt.c")
+    if cfg.binary is not None:
+        runs = cfg.repeat(lambda: c_pingpong_run(cfg.binary, "spin", nc)[0])
+        out.append(
+            record(
+                "rtt.c.spin",
+                "rtt",
+                "C ping-pong, 2 SPSC queues, busy-poll",
+                "c",
+                {"count": nc, "mode": "busy-poll"},
+                combine(runs, LATENCY_UNITS),
+            )
+        )
+    runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["busy-poll"], n))
+    out.append(
+        record(
+            "rtt.python.busy-poll",
+            "rtt",
+            "Python request, busy-poll (spin 1 s)",
+            "python",
+            {
+                "count": n,
+                "mode": "busy-poll",
+                "spin_s": 1.0,
+                "request": "GetDeviceStatus",
+                "device": "RngDevice",
+            },
+            combine(runs, LATENCY_UNITS),
+        )
+    )
+    if cfg.binary is not None:
+
+        def c_efd() -> dict[str, float]:
+            rtt, oneway = c_pingpong_run(cfg.binary, "efd", nc)
+            cfg.c_oneway.append(percentiles_us(oneway))
+            return rtt
+
+        runs = cfg.repeat(c_efd)
+        out.append(
+            record(
+                "rtt.c.eventfd",
+                "rtt",
+                "C eventfd ping-pong (blocking read)",
+                "c",
+                {"count": nc, "mode": "eventfd"},
+                combine(runs, LATENCY_UNITS),
+            )
+        )
+    runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["eventfd"], n))
+    out.append(
+        record(
+            "rtt.python.eventfd",
+            "rtt",
+            "Python request, eventfd wake (spin 0)",
+            "python",
+            {
+                "count": n,
+                "mode": "eventfd",
+                "spin_s": 0.0,
+                "request": "GetDeviceStatus",
+                "device": "RngDevice",
+            },
+            combine(runs, LATENCY_UNITS),
+        )
+    )
+    return out
+
+
+# Serve loop under a flood -------------------------------------------------------------------------
+
+
+FLOOD_WINDOWS = (1, 61)  # requests in flight: QEMU's one at a time; the queue kept full
+
+
+def flood_run(spin: float, window: int, count: int) -> dict[str, float]:
+    """Requests back to back, ``window`` in flight; per request: put to its response's get."""
+    raw_req = p.encode(p.GetDeviceStatus(), PROFILE)
+    size = p.MESSAGE_SIZE[PROFILE]
+    a, b = fake_pair(shm_size=16384)
+    peer = b.vmid
+    try:
+        reset_queues_of(a)
+        with served_device(b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin) as proc:
+            b.close()
+            tx = SpscQueue(a.shmem[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE])
+            rx = SpscQueue(a.shmem[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE])
+            put, get, ring, clock = tx.put, rx.get, a.ring, time.perf_counter_ns
+            dl = _Deadline()
+            for _ in range(min(1000, count)):  # warm up: the child is still starting
+                _put_wait(put, raw_req, dl)
+                ring(peer, 0)
+                _get_wait(get, dl, size)
+            sent_at = array.array("q", bytes(8 * count))
+            times = array.array("q", bytes(8 * count))
+            sent = received = spins = 0
+            deadline = time.monotonic() + CHILD_TIMEOUT
+            while received < count:
+                while sent < count and sent - received < window:
+                    t = clock()
+                    if not put(raw_req):
+                        break
+                    sent_at[sent] = t
+                    sent += 1
+                    ring(peer, 0)
+                data = get(size)
+                if data is None:
+                    spins += 1
+                    if not spins & 0xFFFF and (time.monotonic() > deadline or not proc.is_alive()):
+                        raise RuntimeError(f"flood: device stopped answering at {received}")
+                    continue
+                times[received] = clock() - sent_at[received]
+                received += 1
+            end = clock()
+            last = p.decode(data, PROFILE)
+            tx.release()
+            rx.release()
+    finally:
+        a.close()
+        b.close()
+    if not isinstance(last, p.GetDeviceStatusResponse):
+        raise RuntimeError(f"flood: unexpected response {last!r}")
+    result = percentiles_us(times)
+    result["rate"] = count / ((end - sent_at[0]) / 1e9)
+    return result
+
+
+FLOOD_UNITS = {**LATENCY_UNITS, "rate": "responses/s"}
+
+
+def case_flood(cfg: Config) -> list[dict[str, Any]]:
+    n = cfg.count("flood")
+    out = []
+    for window in FLOOD_WINDOWS:
+        for mode, spin in RTT_MODES.items():
+            runs = cfg.repeat(lambda spin=spin, window=window: flood_run(spin, window, n))
+            out.append(
+                record(
+                    f"flood.{mode}.w{window}",
+                    "flood",
+                    f"{window} in flight, device {mode}",
+                    "python",
+                    {
+                        "count": n,
+                        "in_flight": window,
+                        "device_spin_s": spin,
+                        "driver": "raw queues, busy-poll, a doorbell per request",
+                        "request": "GetDeviceStatus",
+                        "device": "RngDevice",
+                    },
+                    combine(runs, FLOOD_UNITS),
+                )
+            )
+    return out
