@@ -135,7 +135,7 @@ class VirtioMsgBus:
             raise ValueError(f"{device.name}: BAR2 is {len(shm)} bytes; the bus needs {need}")
         if reset_queues:
             reset_queues_of(device)
-        fence = device.fence
+        fence, blocks = device.fence, device.queue_blocks
         regions = [
             shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE],
             shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE],
@@ -143,7 +143,7 @@ class VirtioMsgBus:
         queues: list[SpscQueue] = []
         try:
             for region in regions:
-                queues.append(SpscQueue(region, fence=fence))
+                queues.append(SpscQueue(region, fence=fence, blocks=blocks))
         except BaseException:  # hold no view of BAR2 once construction failed
             for q in queues:
                 q.release()

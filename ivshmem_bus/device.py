@@ -22,6 +22,7 @@ import select
 import time
 from collections.abc import Callable, Sequence
 
+from .queue import BlockCopier
 from .regs import Bar0, doorbell_value
 
 __all__ = ["IvshmemDevice", "open_device", "unmap"]
@@ -132,6 +133,14 @@ class IvshmemDevice(abc.ABC):
         from ._ffi import queue_fence
 
         return queue_fence()
+
+    @property
+    def queue_blocks(self) -> Callable[[memoryview, int], BlockCopier] | None:
+        """The ``SpscQueue(blocks=)`` factory for this device's queues: the compiled block
+        copies when the helper is built, else None (the queue's pure-Python copies)."""
+        from ._ffi import queue_blocks
+
+        return queue_blocks()
 
     def drain(self) -> set[int]:
         """Read every vector's eventfd without blocking; the vectors that had fired."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ivshmem_bus.queue import SpscQueue
 
@@ -24,12 +25,15 @@ class QueuePair:
     consumer: SpscQueue
 
     @classmethod
-    def new(cls, slots: int = 62) -> QueuePair:
+    def new(cls, slots: int = 62, blocks: Any = None) -> QueuePair:
+        """``blocks``: the ``SpscQueue(blocks=)`` factory for both ends (None: pure Python)."""
         size = 0x80 + 64 * slots
         backing = bytearray([GUARD]) * (2 * GUARD_LEN + size)
         region = memoryview(backing)[GUARD_LEN : GUARD_LEN + size]
         region[:] = bytes(size)
-        return cls(backing, region, SpscQueue(region), SpscQueue(region))
+        return cls(
+            backing, region, SpscQueue(region, blocks=blocks), SpscQueue(region, blocks=blocks)
+        )
 
     def guards_intact(self) -> bool:
         end = len(self.backing) - GUARD_LEN
