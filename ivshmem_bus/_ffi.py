@@ -47,6 +47,7 @@ __all__ = [
     "QueueBlocks",
     "fence",
     "ffi",
+    "full_fence",
     "ioctl",
     "lib",
     "queue_blocks",
@@ -302,6 +303,16 @@ def queue_fence() -> Callable[[], None] | None:
     """The fence a shared-memory queue needs on this CPU: None on x86 (TSO gives acquire
     and release, and a call per slot would only cost time), ``fence`` elsewhere."""
     return None if _TSO else fence
+
+
+def full_fence() -> Callable[[], None] | None:
+    """A real full (StoreLoad) barrier, or None without the compiled helper.
+
+    Unlike ``queue_fence`` this is needed on x86 too: doorbell coalescing is a Dekker pair
+    (store one word, then load another), the one reordering TSO allows. Pure Python has no
+    such barrier, so without the helper coalescing is refused rather than made racy.
+    """
+    return _lib.ivb_fence_full if _lib is not None else None  # type: ignore[no-any-return]
 
 
 def _warn_no_fence() -> None:

@@ -25,8 +25,9 @@ class AsyncVirtioMsgBus:
         self.bus = bus
 
     async def _doorbell(self, timeout: float) -> None:
-        if await self.bus.device.async_wait(timeout):
-            self.bus.stats.doorbell_wakeups += 1
+        bus = self.bus
+        if bus.prepare_sleep():  # else a message came meanwhile: look again at once
+            bus.note_wake(bool(await bus.device.async_wait(timeout)))
 
     async def send(self, msg: Message, timeout: float = 1.0) -> None:
         """Enqueue and ring (see ``VirtioMsgBus.send``)."""

@@ -8,7 +8,12 @@ produces on the first and consumes the second; the device role the reverse. The 
 starts first may pass ``reset_queues=True`` to zero both (8 KiB) before the other attaches.
 
 Sending encodes the message into one slot and rings ``remote_vmid`` (vector 0) after each
-enqueue, as QEMU does. A full queue is waited out (the peer is ringed again, in case it
+enqueue, as QEMU does. With ``coalesce=True`` (both ends ivshmem_bus) it rings only when the
+peer may be asleep: ``queue.py`` explains the polling flag and the re-check that make this
+lose no wake-up. Either way, before sleeping a receiver fences and looks at its queue once
+more (with the compiled helper), so a coalescing peer cannot strand a message.
+
+A full queue is waited out (the peer is ringed again, in case it
 slept through a doorbell) until ``timeout``, then ``BusTimeout``.
 
 Receiving drains the whole queue on every look (eventfd counts coalesce: one wake-up can
@@ -66,7 +71,9 @@ Handler = Callable[[Message], Message | None]
 @dataclasses.dataclass
 class BusStats:
     """Counters of one bus. ``dropped`` = malformed + unknown + stray responses + overflow
-    (messages beyond ``max_pending`` kept for ``receive``)."""
+    (messages beyond ``max_pending`` kept for ``receive``). ``lost_doorbells``: sleeps that
+    the poll interval ended (no doorbell) with messages waiting: their doorbell was lost or
+    never rung. ``doorbells_suppressed``: sends that coalescing did not ring for."""
 
     sent: int = 0
     received: int = 0
@@ -75,7 +82,9 @@ class BusStats:
     stray_responses: int = 0
     queue_full_waits: int = 0
     doorbells_rung: int = 0
+    doorbells_suppressed: int = 0
     doorbell_wakeups: int = 0
+    lost_doorbells: int = 0
     timeouts: int = 0
     overflow: int = 0
 
@@ -104,9 +113,13 @@ class VirtioMsgBus:
         spin: seconds to busy-poll the queue before sleeping on the eventfds.
         poll_interval: the longest a sleeping wait goes without looking at the queue.
         max_pending: how many incoming events/requests are held for ``receive`` at most.
+        coalesce: ring only when the peer may be asleep (both ends must be ivshmem_bus:
+            QEMU's side does not re-check its queue before sleeping). Needs the compiled
+            helper's full fence.
 
     Raises:
-        ValueError: bad role, profile or vmid, or BAR2 smaller than the two queues.
+        ValueError: bad role, profile or vmid, BAR2 smaller than the two queues, or
+            ``coalesce`` without the compiled helper.
         QueueCorrupt: an index in shared memory is out of range (and reset_queues is off).
     """
 
@@ -122,6 +135,7 @@ class VirtioMsgBus:
         spin: float = 50e-6,
         poll_interval: float = 0.01,
         max_pending: int = 4096,
+        coalesce: bool = False,
     ) -> None:
         if role not in ("driver", "device"):
             raise ValueError(f"role must be 'driver' or 'device', not {role!r}")
@@ -129,6 +143,12 @@ class VirtioMsgBus:
             raise ValueError(f"unknown profile {profile!r}; use one of {protocol.PROFILES}")
         if not 0 <= remote_vmid <= 0xFFFF:
             raise ValueError(f"remote_vmid {remote_vmid} is not a peer id (0..65535)")
+        full_fence = device.full_fence
+        if coalesce and full_fence is None:
+            raise ValueError(
+                f"{device.name}: coalesce=True needs a StoreLoad fence, which only the compiled "
+                "helper has (install a C compiler and reinstall ivshmem-bus), or coalesce=False"
+            )
         shm = device.shmem
         need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
         if len(shm) < need:
@@ -164,6 +184,11 @@ class VirtioMsgBus:
         self._pending: collections.deque[Message] = collections.deque()
         self._token = 0
         self._closed = False
+        self.coalesce = coalesce
+        self._full_fence = full_fence
+        # Our receive queue's polling flag: up while we do not sleep; cleared when not
+        # coalescing (a flag left by an earlier process would silence a coalescing peer).
+        self._rx.set_polling(coalesce)
 
     # Sending ------------------------------------------------------------------------------------
 
@@ -179,6 +204,9 @@ class VirtioMsgBus:
         if not self._tx.put(raw):
             self._wait_for_space(raw, timeout)
         self.stats.sent += 1
+        if self.coalesce and not self._tx.needs_doorbell(self._full_fence):  # type: ignore[arg-type]
+            self.stats.doorbells_suppressed += 1
+            return
         self._ring()
 
     def _wait_for_space(self, raw: bytes, timeout: float) -> None:
@@ -228,10 +256,29 @@ class VirtioMsgBus:
         if now < spin_until:
             return  # still spinning: look at the queue again straight away
         remaining = deadline - now
-        if remaining <= 0:
+        if remaining <= 0 or not self.prepare_sleep():
             return
-        if self.device.wait(min(remaining, self.poll_interval)):
+        self.note_wake(bool(self.device.wait(min(remaining, self.poll_interval))))
+
+    def prepare_sleep(self) -> bool:
+        """Before sleeping on the eventfds: False when a message came since the last look.
+
+        Clears our polling flag, fences, and looks at the queue again (the consumer's half of
+        the coalescing protocol); without the compiled helper there is no fence, no peer
+        can coalesce, and this is always True.
+        """
+        fence = self._full_fence
+        return fence is None or self._rx.may_sleep(fence)
+
+    def note_wake(self, doorbell: bool) -> None:
+        """After sleeping: raise the polling flag again, and count how the sleep ended."""
+        if self.coalesce:
+            self._rx.set_polling(True)
+        if doorbell:
             self.stats.doorbell_wakeups += 1
+        elif not self._rx.empty():
+            self.stats.lost_doorbells += 1
+            log.debug("%s: messages waited for a doorbell that never came", self.device.name)
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next incoming message, or None after ``timeout`` seconds (None: forever).
@@ -369,6 +416,7 @@ class VirtioMsgBus:
         """Release the queues' views of BAR2 (the device can then be closed). Idempotent."""
         if not self._closed:
             self._closed = True
+            self._rx.set_polling(False)  # nobody polls now: a coalescing peer must ring
             self._tx.release()
             self._rx.release()
 

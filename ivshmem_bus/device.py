@@ -135,6 +135,13 @@ class IvshmemDevice(abc.ABC):
         return queue_fence()
 
     @property
+    def full_fence(self) -> Callable[[], None] | None:
+        """A StoreLoad barrier for doorbell coalescing (None without the compiled helper)."""
+        from ._ffi import full_fence
+
+        return full_fence()
+
+    @property
     def queue_blocks(self) -> Callable[[memoryview, int], BlockCopier] | None:
         """The ``SpscQueue(blocks=)`` factory for this device's queues: the compiled block
         copies when the helper is built, else None (the queue's pure-Python copies)."""

@@ -51,6 +51,25 @@ the block size. The compiled helper does the same in C (``ivshmem_bus._ffi.Queue
 pass ``blocks=`` (the device's ``queue_blocks``, or ``_ffi.queue_blocks()``) and the block
 calls go through it, with the same checks of the peer's index, done in C. The queue itself
 imports nothing compiled: it is handed the accelerator, as it is handed the fence.
+
+Doorbell coalescing (an extension, off unless both ends opt in)
+---------------------------------------------------------------
+The spec rings the peer after every enqueue. A producer may skip the doorbell when the
+consumer cannot be asleep, if the consumer, before it sleeps, publishes that it stops
+polling and looks at the queue once more. Two signals, each a Dekker pair with a full
+(StoreLoad) fence on both sides, so at least one side sees the other's store:
+
+* ``POLLING_OFFSET`` (0x44, padding of the consumer's own line): the consumer stores 1
+  while it looks at the queue without sleeping (``set_polling``) and 0 before it sleeps
+  (``may_sleep``: store 0, fence, re-read head; sleep only if still empty). QEMU never
+  writes this word and a reset zeroes it, so a QEMU consumer always gets its doorbells.
+* the queue before our enqueue: a consumer that had not yet caught up with our previous
+  messages will, after taking them, fence and re-read head before it sleeps, and so see
+  ours. ``needs_doorbell`` (producer: fence, then load flag and tail) rings only when the
+  flag is not 1 and the consumer had taken everything before our batch.
+
+The second rule relies on the consumer's re-check, which QEMU does not make: coalescing is
+for links whose both ends are ivshmem_bus (``VirtioMsgBus(coalesce=True)``).
 """
 
 from __future__ import annotations
@@ -66,6 +85,8 @@ from .errors import QueueCorrupt
 
 __all__ = [
     "HEAD_OFFSET",
+    "POLLING",
+    "POLLING_OFFSET",
     "QUEUE_HEADER_SIZE",
     "SLOT_SIZE",
     "TAIL_OFFSET",
@@ -82,6 +103,9 @@ TAIL_OFFSET = 0x40
 QUEUE_HEADER_SIZE = 0x80  # head line + tail line; slot 0 starts here
 _HEAD_WORD = HEAD_OFFSET // 4
 _TAIL_WORD = TAIL_OFFSET // 4
+POLLING_OFFSET = 0x44  # consumer's line: POLLING while it polls (coalescing extension)
+POLLING = 1
+_POLL_WORD = POLLING_OFFSET // 4
 
 # CPUs whose plain loads/stores already give acquire/release ordering (total store order).
 _TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
@@ -401,6 +425,14 @@ class SpscQueue:
             return None
         return self._buf[off : off + SLOT_SIZE]
 
+    def empty(self) -> bool:
+        """Consumer: True when nothing is waiting (re-reads head only if the cache says so).
+
+        Raises:
+            QueueCorrupt: the peer's head index is out of range.
+        """
+        return self._next_filled() is None
+
     def advance(self) -> None:
         """Give back the slot last returned by ``peek()``.
 
@@ -513,6 +545,48 @@ class SpscQueue:
         append = out.append
         self.drain(lambda view: append(bytes(view[:size])), limit)
         return out
+
+    # Doorbell coalescing (see the module doc) ---------------------------------------------------
+
+    def set_polling(self, on: bool = True) -> None:
+        """Consumer: say whether this end looks at the queue without sleeping (one store).
+
+        ``on=False`` writes only when the word is not already 0, so a consumer that never
+        coalesces never writes the padding (it clears a flag left by an earlier process).
+        """
+        if on:
+            self._idx[_POLL_WORD] = POLLING
+        elif self._idx[_POLL_WORD] != 0:
+            self._idx[_POLL_WORD] = 0
+
+    def may_sleep(self, full_fence: Callable[[], None]) -> bool:
+        """Consumer, before sleeping: clear the polling flag, fence, look at head again.
+
+        Returns:
+            True when the queue is still empty (sleeping is safe: any later enqueue rings);
+            False when a message came meanwhile (take it instead of sleeping).
+
+        Raises:
+            QueueCorrupt: the peer's head index is out of range.
+        """
+        self.set_polling(False)
+        full_fence()  # the flag's store before the head's load (StoreLoad)
+        return self._tail == self._refresh_head()
+
+    def needs_doorbell(self, full_fence: Callable[[], None], sent: int = 1) -> bool:
+        """Producer, after enqueuing ``sent`` slots: may the consumer be asleep?
+
+        True unless the consumer's polling flag is ``POLLING`` or it had not yet taken
+        everything enqueued before these ``sent`` slots (then it re-checks before sleeping).
+
+        Raises:
+            QueueCorrupt: the peer's tail index is out of range.
+        """
+        full_fence()  # head's store before the flag's and tail's loads (StoreLoad)
+        if self._idx[_POLL_WORD] == POLLING:
+            return False
+        tail = self._cached_tail = self._load_tail()
+        return tail == (self._head - sent) % self._capacity
 
     # Both ends ------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from ivshmem_bus.bus import (
 from ivshmem_bus.client import ServerClientDevice
 from ivshmem_bus.errors import BusTimeout, ProtocolError, QueueCorrupt, ServerClientError
 from ivshmem_bus.fake import FakeDevice, fake_pair
-from ivshmem_bus.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
+from ivshmem_bus.queue import POLLING_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
 from ivshmem_bus.server import IvshmemServer
 from ivshmem_bus.transport import RngDevice
 
@@ -279,10 +279,16 @@ def check_step(
     event(f"{op} -> {type(result).__name__}")
     assert elapsed < timeout + SLACK, f"{op} took {elapsed:.3f} s for a {timeout} s timeout"
 
-    # Memory: only the bus's own index words and the one slot it may have produced into.
+    # Memory: only the bus's own index words, the one slot it may have produced into, and
+    # (before it sleeps) its receive queue's polling flag, which a bus that does not
+    # coalesce may only clear.
     after = bytes(shm[:QUEUES_END])
     next_slot = slot_offset(tx, model.tx_head)
-    allowed = sorted([(tx + HEAD, 4), (rx + TAIL, 4), (next_slot, p.MESSAGE_SIZE[profile])])
+    flag = rx + POLLING_OFFSET
+    assert after[flag : flag + 4] in (before[flag : flag + 4], bytes(4))
+    allowed = sorted(
+        [(tx + HEAD, 4), (rx + TAIL, 4), (flag, 4), (next_slot, p.MESSAGE_SIZE[profile])]
+    )
     pos = 0
     for start, length in [*allowed, (QUEUES_END, 0)]:
         assert before[pos:start] == after[pos:start], (
