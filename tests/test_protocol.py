@@ -60,6 +60,32 @@ def test_golden_decode(vector):
     assert p.decode(bytes.fromhex(vector["hex"]), vector["profile"]) == _golden_msg(vector)
 
 
+@pytest.mark.parametrize("vector", GOLDEN, ids=_vid)
+def test_one_pack_encoder_gives_the_general_paths_bytes(vector, monkeypatch):
+    """The precompiled encoders (header + fields + padding in one struct) are an
+    optimisation: with them switched off, every golden message encodes the same."""
+    msg, profile = _golden_msg(vector), vector["profile"]
+    fast = p.encode(msg, profile)
+    monkeypatch.setattr(p, "_FAST_ENCODERS", {})
+    assert p.encode(msg, profile) == fast
+
+
+@pytest.mark.parametrize("vector", GOLDEN, ids=_vid)
+def test_decode_reads_a_slot_view_in_place_and_ignores_what_follows(vector):
+    raw = bytes.fromhex(vector["hex"])
+    slot = bytearray(b"\xee" * 64)
+    slot[: len(raw)] = raw
+    assert p.decode(memoryview(slot), vector["profile"]) == _golden_msg(vector)
+    words = memoryview(slot).cast("I")  # not a byte view: cast back, same message
+    assert p.decode(words, vector["profile"]) == _golden_msg(vector)
+
+
+def test_a_field_too_wide_for_the_profile_still_names_itself():
+    """The one-pack encoder falls back to the general path, whose error says which."""
+    with pytest.raises(ValueError, match="GetShmResponse does not fit spec-v1"):
+        p.encode(p.GetShmResponse(index=0, length=1 << 40, address=0), "spec-v1")
+
+
 def test_golden_vectors_cover_every_message_of_each_profile():
     covered = {(v["profile"], v["name"]) for v in GOLDEN}
     qemu = {n for prof, n in covered if prof == "qemu-v0"}
