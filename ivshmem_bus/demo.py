@@ -42,9 +42,10 @@ def _serve_child(
     make: Callable[[], VirtioMsgDevice],
     stop,
     spin: float,
+    coalesce: bool = False,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    with VirtioMsgBus(device, "device", peer_vmid, profile, spin=spin) as bus:
+    with VirtioMsgBus(device, "device", peer_vmid, profile, spin=spin, coalesce=coalesce) as bus:
         make().serve(bus, stop=stop.is_set)
 
 
@@ -56,11 +57,13 @@ def served_device(
     make: Callable[[], VirtioMsgDevice] = RngDevice,
     others: tuple[IvshmemDevice, ...] = (),
     spin: float = 50e-6,
+    coalesce: bool = False,
 ) -> Iterator[multiprocessing.process.BaseProcess]:
     """Run ``make()`` as the device role on ``device`` in a forked child until the block ends.
 
     ``others`` are devices the child must not keep (closed in the child right after fork);
-    ``spin`` is the device bus's busy-poll time before it sleeps on its eventfds.
+    ``spin`` is the device bus's busy-poll time before it sleeps on its eventfds;
+    ``coalesce`` its doorbell coalescing (``VirtioMsgBus(coalesce=)``).
     """
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
@@ -68,7 +71,7 @@ def served_device(
     def child() -> None:
         for other in others:
             other.close()
-        _serve_child(device, peer_vmid, profile, make, stop, spin)
+        _serve_child(device, peer_vmid, profile, make, stop, spin, coalesce)
 
     proc = ctx.Process(target=child, name="virtio-msg-device", daemon=True)
     proc.start()
