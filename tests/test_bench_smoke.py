@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"
 CASES = {"raw", "encoded", "rtt", "flood", "doorbell"}
 LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
-RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in ("per-call", "batch", "drain")}
+RAW_APIS = ("per-call", "batch", "batch-py", "many", "drain")
+RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in RAW_APIS}
+C_IDS = {f"raw.{q}.{c}" for q in ("q62", "q4096") for c in ("c", "c-block")}
 # Not a terminal, and nothing forcing rich to colour anyway.
 ENV = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
 ANSI = re.compile(r"\x1b\[")
@@ -97,9 +99,9 @@ def test_expected_cases_and_metrics(report):
     by_id = {r["id"]: r for r in data["results"]}
     c_built = not data["machine"]["c_reference"].startswith(("no C", "skipped"))
     for q in ("q62", "q4096"):
-        for api in ("per-call", "batch", "drain"):
+        for api in RAW_APIS:
             assert by_id[f"raw.{q}.{api}"]["metrics"]["rate"]["median"] > 0
-        assert (f"raw.{q}.c" in by_id) == c_built
+        assert (f"raw.{q}.c" in by_id) == (f"raw.{q}.c-block" in by_id) == c_built
     assert by_id["encoded.codec"]["metrics"]["rate"]["median"] > 0
     assert "doorbells_per_msg" in by_id["encoded.bus"]["metrics"]
     for rid in ("rtt.python.busy-poll", "rtt.python.eventfd"):
@@ -107,8 +109,15 @@ def test_expected_cases_and_metrics(report):
     assert ("rtt.c.eventfd" in by_id) == c_built
     assert [r for r in data["results"] if r["group"] == "flood"]
     assert by_id["doorbell.burst"]["metrics"]["doorbells_per_burst"]["median"] > 0
+    if data["machine"]["compiled_helper"]:
+        assert set(by_id["rtt.python.busy-poll-coalesced"]["metrics"]) == LATENCY
+        assert by_id["doorbell.burst-coalesced"]["params"]["coalesce"] is True
     if c_built:
-        assert set(data["ratios"]) >= {"raw.q62.batch/c", "rtt.eventfd.p50/c"}
+        assert set(data["ratios"]) >= {
+            "raw.q62.batch/c",
+            "raw.q62.batch/c-block",
+            "rtt.eventfd.p50/c",
+        }
     for target in data["targets"]:
         assert set(target) == {"name", "goal", "value", "unit", "met"}
         assert target["met"] in (True, False, None)
@@ -165,7 +174,7 @@ def test_console_script_runs_the_same_benchmark(tmp_path):
     assert data["schema"] == "ivshmem-bus-bench/1"
     assert data["cases"] == ["raw"] and data["runs"] == 1 and data["errors"] == []
     ids = {r["id"] for r in data["results"]}
-    assert ids - {"raw.q62.c", "raw.q4096.c"} == RAW_IDS
+    assert ids - C_IDS == RAW_IDS
     for rec in data["results"]:
         assert rec["group"] == "raw"
         for stat in rec["metrics"].values():

@@ -15,17 +15,21 @@ Cases (``--only`` takes these names):
 
 raw       64-byte slots one way through a 62-slot (4 KiB) and a 4096-slot queue: the C
           reference (``bench_ref.c``, same layout, acquire/release atomics, built with ``cc``
-          into ``.cache/bench/`` of a source tree, else ``$XDG_CACHE_HOME/ivshmem-bus/bench``),
-          ``SpscQueue.put``/``get`` per call, and the batch API (``put_many``/``get_many``, and
-          ``put_many``/``drain`` with a no-op callback) moving half a queue (at most 256 slots)
-          per call. The producer's clock starts before its first put and the consumer's stops
-          after its last get: rate = slots / (end - start). The consumers also report their RSS
-          growth over their second half.
+          into ``.cache/bench/`` of a source tree, else ``$XDG_CACHE_HOME/ivshmem-bus/bench``)
+          one slot per call (as QEMU's spsc_queue) and in blocks of up to capacity - 1 slots;
+          ``SpscQueue.put``/``get`` per call; the batch API ``put_block``/``get_block`` (up to
+          capacity - 1 slots a call) through the compiled helper ("batch") and in pure Python
+          ("batch-py"); and ``put_many``/``get_many`` and ``put_many``/``drain`` (no-op
+          callback) moving half a queue (at most 256 slots) a call. The producer's clock
+          starts before its first put and the consumer's stops after its last get: rate =
+          slots / (end - start). The consumers also report their RSS growth over their second
+          half.
 encoded   virtio-msg one way: ``protocol.encode`` + ``put`` / ``get`` + ``protocol.decode``
           on the bus's 4 KiB driver queue, and the whole bus (``send``, a doorbell per
           message, / ``receive``, busy-polling).
 rtt       request/response round trip (GET_DEVICE_STATUS to RngDevice served in a forked
-          child by ``demo.served_device``): busy-poll (spin 1 s on both sides) and eventfd
+          child by ``demo.served_device``): busy-poll (spin 1 s on both sides; also with
+          ``coalesce=True``, which rings no doorbell while the peer polls) and eventfd
           wake-up (spin 0), beside a C ping-pong over two SPSC queues (the spin floor) and a
           C eventfd ping-pong (the wake-up floor).
 flood     the device-role serve loop under a flood of GET_DEVICE_STATUS: the driver sends
@@ -34,7 +38,8 @@ flood     the device-role serve loop under a flood of GET_DEVICE_STATUS: the dri
           dequeued, against QEMU's ~1 ms deadline.
 doorbell  one doorbell from ring to wake-up in the other process (C eventfd, Python
           ``os.write``/``poll``, ``FakeDevice.ring``/``wait``), the cost of the ``ring`` call,
-          and what a burst of 32 ``bus.send`` costs in doorbells and receiver wake-ups.
+          and what a burst of 32 ``bus.send`` costs in doorbells and receiver wake-ups, with
+          QEMU's semantics (a doorbell per send) and with ``coalesce=True``.
 
 Results go to ``bench-results.json`` (``--json``) so that runs can be compared; the smoke
 test (tests/test_bench_smoke.py) checks its shape, never its figures. Other processes skew

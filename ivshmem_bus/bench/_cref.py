@@ -92,6 +92,38 @@ static int q_get(queue_t *q, void *dst) {
     return 1;
 }
 
+/* Block copies, as ivshmem_bus's put_block/get_block: up to n slots, at most two memcpy
+   (one at the wrap), one index store. The peer's index is reloaded only when the cache
+   leaves fewer than n. */
+static uint32_t q_used(const queue_t *q, uint32_t head, uint32_t tail) {
+    return head >= tail ? head - tail : head + q->cap - tail;
+}
+
+static uint32_t q_copy_block(queue_t *q, uint8_t *buf, uint32_t n, int producer) {
+    uint32_t have = producer ? q->cap - 1 - q_used(q, q->mine, q->cached)
+                             : q_used(q, q->cached, q->mine);
+    if (have < n) {
+        q->cached = load_index(q, producer ? TAIL_OFF : HEAD_OFF);
+        have = producer ? q->cap - 1 - q_used(q, q->mine, q->cached)
+                        : q_used(q, q->cached, q->mine);
+    }
+    if (n > have) n = have;
+    if (!n) return 0;
+    uint32_t first = q->cap - q->mine < n ? q->cap - q->mine : n;
+    uint8_t *ring = q->base + HEADER + (size_t)q->mine * SLOT;
+    if (producer) {
+        memcpy(ring, buf, (size_t)first * SLOT);
+        memcpy(q->base + HEADER, buf + (size_t)first * SLOT, (size_t)(n - first) * SLOT);
+    } else {
+        memcpy(buf, ring, (size_t)first * SLOT);
+        memcpy(buf + (size_t)first * SLOT, q->base + HEADER, (size_t)(n - first) * SLOT);
+    }
+    uint32_t next = q->mine + n >= q->cap ? q->mine + n - q->cap : q->mine + n;
+    store_index(q, producer ? HEAD_OFF : TAIL_OFF, next);
+    q->mine = next;
+    return n;
+}
+
 static uint8_t *map_file(const char *path, size_t len) {
     int fd = open(path, O_RDWR);
     if (fd < 0) die(path);
@@ -153,6 +185,52 @@ static int run_spsc(const char *path, size_t len, uint64_t count) {
     for (uint64_t i = 0; i < count; i++) {
         memcpy(slot, &i, 8);
         while (!q_put(&q, slot)) {}
+    }
+    uint64_t out[2];
+    xfer(done[0], out, sizeof out, 0);
+    wait(NULL);
+    printf("%llu %llu %llu\n", (unsigned long long)count, (unsigned long long)(out[0] - t0),
+           (unsigned long long)out[1]);
+    return out[1] != 0;
+}
+
+/* spsc-block FILE LEN COUNT BATCH: one way, up to BATCH slots per call on both sides, the
+   same work as the Python block case (a constant block in, nothing looked at but the last
+   slot out); prints "count ns errors" (errors: the last slot is not the producer's last). */
+static int run_spsc_block(const char *path, size_t len, uint64_t count, uint32_t batch) {
+    int ready[2], done[2];
+    if (pipe(ready) || pipe(done)) die("pipe");
+    uint8_t *buf = calloc(batch, SLOT);
+    if (!buf) die("calloc");
+    if (fork_child() == 0) {
+        queue_t q;
+        q_open(&q, map_file(path, len), len, 0);
+        uint64_t got = 0, last = 0;
+        uint32_t n = 0;
+        xfer(ready[1], "r", 1, 1);
+        while (got < count) {
+            n = q_copy_block(&q, buf, batch, 0);
+            got += n;
+        }
+        memcpy(&last, buf + (size_t)(n - 1) * SLOT, 8);
+        uint64_t out[2] = {now_ns(), last != count - 1};
+        xfer(done[1], out, sizeof out, 1);
+        _exit(0);
+    }
+    queue_t q;
+    q_open(&q, map_file(path, len), len, 1);
+    uint8_t c;
+    memset(buf, 0xa5, (size_t)batch * SLOT);
+    xfer(ready[0], &c, 1, 0);
+    uint64_t t0 = now_ns(), sent = 0;
+    while (sent < count) {
+        uint64_t left = count - sent;
+        uint32_t want = left < batch ? (uint32_t)left : batch;
+        if (left <= batch) {  /* the final block: its last slot carries count - 1 */
+            uint64_t seq = count - 1;
+            memcpy(buf + (size_t)(want - 1) * SLOT, &seq, 8);
+        }
+        sent += q_copy_block(&q, buf, want, 1);
     }
     uint64_t out[2];
     xfer(done[0], out, sizeof out, 0);
@@ -231,11 +309,16 @@ static int run_efd(uint64_t count, const char *out) {
 int main(int argc, char **argv) {
     if (argc == 5 && !strcmp(argv[1], "spsc"))
         return run_spsc(argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0));
+    if (argc == 6 && !strcmp(argv[1], "spsc-block"))
+        return run_spsc_block(argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0),
+                              (uint32_t)strtoul(argv[5], 0, 0));
     if (argc == 5 && !strcmp(argv[1], "spin-rtt"))
         return run_spin_rtt(argv[2], strtoull(argv[3], 0, 0), argv[4]);
     if (argc == 4 && !strcmp(argv[1], "efd"))
         return run_efd(strtoull(argv[2], 0, 0), argv[3]);
-    fprintf(stderr, "usage: %s spsc FILE LEN COUNT | spin-rtt FILE COUNT OUT | efd COUNT OUT\n",
+    fprintf(stderr,
+            "usage: %s spsc FILE LEN COUNT | spsc-block FILE LEN COUNT BATCH"
+            " | spin-rtt FILE COUNT OUT | efd COUNT OUT\n",
             argv[0]);
     return 64;
 }

@@ -17,6 +17,7 @@ import struct
 import time
 from typing import Any
 
+from ivshmem_bus import _ffi
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.fake import fake_pair
 
@@ -129,9 +130,11 @@ def wake_minimal_run(count: int) -> dict[str, float]:
     return result
 
 
-def _burst_child(conn: Any, dev: Any, other: Any, peer_vmid: int, total: int) -> dict[str, Any]:
+def _burst_child(
+    conn: Any, dev: Any, other: Any, peer_vmid: int, total: int, coalesce: bool
+) -> dict[str, Any]:
     other.close()
-    with VirtioMsgBus(dev, "device", peer_vmid, PROFILE, spin=0.0) as bus:
+    with VirtioMsgBus(dev, "device", peer_vmid, PROFILE, spin=0.0, coalesce=coalesce) as bus:
         _ready(conn)
         for i in range(total):
             if bus.receive(CHILD_TIMEOUT) is None:
@@ -142,16 +145,17 @@ def _burst_child(conn: Any, dev: Any, other: Any, peer_vmid: int, total: int) ->
         return {"received": stats.received, "wakeups": stats.doorbell_wakeups}
 
 
-def burst_run(bursts: int) -> dict[str, float]:
-    """``bursts`` times: BURST bus.send back to back, then wait until the receiver has them."""
+def burst_run(bursts: int, coalesce: bool = False) -> dict[str, float]:
+    """``bursts`` times: BURST bus.send back to back, then wait until the receiver has them
+    (``coalesce``: both buses ring only when the receiver may be asleep)."""
     msgs = sample_messages()
     a, b = fake_pair(shm_size=16384)
     peer = b.vmid
     try:
         reset_queues_of(a)
-        with Child(_burst_child, b, a, a.vmid, bursts * BURST) as child:
+        with Child(_burst_child, b, a, a.vmid, bursts * BURST, coalesce) as child:
             b.close()
-            with VirtioMsgBus(a, "driver", peer, PROFILE) as bus:
+            with VirtioMsgBus(a, "driver", peer, PROFILE, coalesce=coalesce) as bus:
                 send, clock = bus.send, time.perf_counter_ns
                 per_msg = []
                 child.recv()
@@ -222,22 +226,32 @@ def case_doorbell(cfg: Config) -> list[dict[str, Any]]:
         )
     )
     nb = cfg.count("doorbell.bursts")
-    runs = cfg.repeat(lambda: burst_run(nb))
-    out.append(
-        record(
-            "doorbell.burst",
-            "doorbell",
-            f"burst of {BURST} bus.send, receiver asleep",
-            "python",
-            {"bursts": nb, "burst": BURST, "receiver_spin_s": 0.0},
-            combine(
-                runs,
-                {
-                    "doorbells_per_burst": "doorbells",
-                    "wakeups_per_burst": "wake-ups",
-                    "send_us_per_msg": "us",
-                },
-            ),
+    for rid, label, coalesce in (
+        ("doorbell.burst", f"burst of {BURST} bus.send, receiver asleep", False),
+        (
+            "doorbell.burst-coalesced",
+            "same, coalesce=True (ring only when the receiver may sleep)",
+            True,
+        ),
+    ):
+        if coalesce and not _ffi.HAVE_COMPILED:
+            continue  # coalescing needs the helper's fence
+        runs = cfg.repeat(lambda coalesce=coalesce: burst_run(nb, coalesce))
+        out.append(
+            record(
+                rid,
+                "doorbell",
+                label,
+                "python",
+                {"bursts": nb, "burst": BURST, "receiver_spin_s": 0.0, "coalesce": coalesce},
+                combine(
+                    runs,
+                    {
+                        "doorbells_per_burst": "doorbells",
+                        "wakeups_per_burst": "wake-ups",
+                        "send_us_per_msg": "us",
+                    },
+                ),
+            )
         )
-    )
     return out

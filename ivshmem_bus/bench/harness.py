@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ivshmem_bus._ffi import queue_blocks
 from ivshmem_bus.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, SpscQueue
 
 PROFILE = "qemu-v0"
@@ -37,6 +38,7 @@ COUNTS: dict[str, int] = {
     "raw.c": 50_000_000,
     "raw.per-call": 3_000_000,
     "raw.batch": 5_000_000,
+    "raw.block": 50_000_000,
     "encoded.codec": 1_000_000,
     "encoded.bus": 1_000_000,
     "rtt.python": 50_000,
@@ -228,13 +230,14 @@ def shm_file(size: int) -> Iterator[str]:
 
 
 @contextmanager
-def mapped_queue(path: str, size: int) -> Iterator[SpscQueue]:
+def mapped_queue(path: str, size: int, blocks: bool = False) -> Iterator[SpscQueue]:
+    """The queue in ``path``; ``blocks``: with the compiled block copies (when built)."""
     fd = os.open(path, os.O_RDWR)
     try:
         mem = mmap.mmap(fd, size, mmap.MAP_SHARED)
     finally:
         os.close(fd)
-    q = SpscQueue(memoryview(mem))
+    q = SpscQueue(memoryview(mem), blocks=queue_blocks() if blocks else None)
     try:
         yield q
     finally:

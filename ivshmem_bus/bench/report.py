@@ -81,10 +81,15 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     out = {}
     for q in (f"q{queue_capacity(SMALL_REGION)}", f"q{queue_capacity(LARGE_REGION)}"):
         c = _median(results, f"raw.{q}.c", "rate")
-        for api in ("per-call", "batch", "drain"):
+        for api in ("per-call", "batch", "batch-py", "many", "drain", "c-block"):
             py = _median(results, f"raw.{q}.{api}", "rate")
             if c and py is not None:
                 out[f"raw.{q}.{api}/c"] = py / c
+        c_block = _median(results, f"raw.{q}.c-block", "rate")
+        for api in ("batch", "batch-py"):
+            py = _median(results, f"raw.{q}.{api}", "rate")
+            if c_block and py is not None:
+                out[f"raw.{q}.{api}/c-block"] = py / c_block
     c = _median(results, "rtt.c.eventfd", "p50_us")
     py = _median(results, "rtt.python.eventfd", "p50_us")
     if c and py is not None:

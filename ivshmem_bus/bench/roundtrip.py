@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ivshmem_bus import _ffi
 from ivshmem_bus import protocol as p
 from ivshmem_bus.bus import (
     DEVICE_QUEUE_OFFSET,
@@ -50,14 +51,16 @@ __all__ = ["FLOOD_WINDOWS", "RTT_MODES", "c_pingpong_run", "case_flood", "case_r
 RTT_MODES = {"busy-poll": 1.0, "eventfd": 0.0}  # spin seconds on both sides
 
 
-def rtt_python_run(spin: float, count: int) -> dict[str, float]:
+def rtt_python_run(spin: float, count: int, coalesce: bool = False) -> dict[str, float]:
     a, b = fake_pair(shm_size=16384)
     peer = b.vmid
     try:
         reset_queues_of(a)
-        with served_device(b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin):
+        with served_device(
+            b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin, coalesce=coalesce
+        ):
             b.close()
-            with VirtioMsgBus(a, "driver", peer, PROFILE, spin=spin) as bus:
+            with VirtioMsgBus(a, "driver", peer, PROFILE, spin=spin, coalesce=coalesce) as bus:
                 request, msg = bus.request, p.GetDeviceStatus()
                 for _ in range(min(1000, count)):  # warm up both processes
                     request(msg, 5.0)
@@ -132,6 +135,25 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
             combine(runs, LATENCY_UNITS),
         )
     )
+    if _ffi.HAVE_COMPILED:  # coalescing needs the helper's fence
+        runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["busy-poll"], n, coalesce=True))
+        out.append(
+            record(
+                "rtt.python.busy-poll-coalesced",
+                "rtt",
+                "Python request, busy-poll, coalesce=True (no doorbell)",
+                "python",
+                {
+                    "count": n,
+                    "mode": "busy-poll",
+                    "spin_s": 1.0,
+                    "coalesce": True,
+                    "request": "GetDeviceStatus",
+                    "device": "RngDevice",
+                },
+                combine(runs, LATENCY_UNITS),
+            )
+        )
     if cfg.binary is not None:
 
         def c_efd() -> dict[str, float]:

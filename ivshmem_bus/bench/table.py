@@ -48,16 +48,16 @@ def _table(title: str, *columns: str) -> Table:
 
 
 def _raw(recs: list[dict[str, Any]], rat: dict[str, float]) -> Table:
-    table = _table("raw 64-byte slots, one way", "slots/s", "vs C")
+    table = _table("raw 64-byte slots, one way", "slots/s", "vs C", "vs C block")
     current = None
     for rec in recs:
         if rec["params"]["slots"] != current:
             current = rec["params"]["slots"]
             heading = f"  {current}-slot queue ({rec['params']['region_bytes']} bytes)"
-            table.add_row(Text(heading, "italic"), "", "")
-        key = f"raw.q{current}.{rec['id'].rsplit('.', 1)[1]}/c"
-        vs = f"{rat[key]:.1%}" if key in rat else ""
-        table.add_row(f"    {rec['label']}", _cell(rec["metrics"]["rate"], _si), vs)
+            table.add_row(Text(heading, "italic"), "", "", "")
+        key = f"raw.q{current}.{rec['id'].rsplit('.', 1)[1]}"
+        vs = [f"{rat[k]:.1%}" if k in rat else "" for k in (f"{key}/c", f"{key}/c-block")]
+        table.add_row(f"    {rec['label']}", _cell(rec["metrics"]["rate"], _si), *vs)
     return table
 
 
@@ -171,7 +171,7 @@ def renderables(report: dict[str, Any]) -> Iterator[RenderableType]:
         wakes = [r for r in by_group["doorbell"] if r["id"].startswith("doorbell.wake")]
         extra = [("ring_call_us", "ring call us")]
         yield from ("", WAKE_NOTE, "", _latency("doorbell ring -> wake, us", wakes, extra))
-        yield from (_burst(r) for r in by_group["doorbell"] if r["id"] == "doorbell.burst")
+        yield from (_burst(r) for r in by_group["doorbell"] if r["id"].startswith("doorbell.burst"))
     if report["targets"]:
         yield from ("", _targets(report["targets"]))
         floor = c_floor_note({r["id"]: r for r in report["results"]})
