@@ -59,8 +59,16 @@ def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> Non
     p.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     if remote:
         p.add_argument(
-            "--remote-vmid", default="auto", metavar="N", type=_vmid_arg,
+            "--remote-vmid",
+            default="auto",
+            metavar="N",
+            type=_vmid_arg,
             help="the peer's VMID, or 'auto': the one other peer the server announced",
+        )
+        p.add_argument(
+            "--coalesce", action="store_true",
+            help="ring the peer only when it may be asleep (both ends ivshmem-bus, not QEMU; "
+            "needs the compiled helper)",
         )  # fmt: skip
 
 

@@ -158,7 +158,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"driver status {status_names(old)} -> {status_names(new)}", flush=True)
 
         device.on_status = on_status
-        with VirtioMsgBus(dev, "device", remote, args.profile) as bus:
+        with VirtioMsgBus(dev, "device", remote, args.profile, coalesce=args.coalesce) as bus:
             print(
                 f"serving virtio {args.device_type} (id {device.device_id}) to vmid {remote} "
                 f"({args.profile}); Ctrl-C stops",
@@ -186,7 +186,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     with _backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
         remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile) as bus:
+        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
             d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
     if args.json:
         print(json.dumps({"vmid": vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
@@ -204,7 +204,7 @@ def cmd_ping(args: argparse.Namespace) -> int:
     sent = 0
     with _backend(args) as dev:
         remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile) as bus:
+        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
             print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
             for seq in range(1, args.count + 1):
                 if stop.is_set():

@@ -195,3 +195,30 @@ def test_fake_fabric_server_exits_when_idle(tmp_path):
     assert out.returncode == 0
     assert "no peer for 0.3 s: exiting" in out.stdout
     assert not sock.exists()
+
+
+@pytest.mark.skipif(
+    not __import__("ivshmem_bus._ffi", fromlist=["HAVE_COMPILED"]).HAVE_COMPILED,
+    reason="coalescing needs the compiled helper (no C compiler at install)",
+)
+def test_serve_and_ping_with_coalesce_skip_doorbells_and_lose_nothing(tmp_path):
+    sock = tmp_path / "ivshmem.sock"
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "1")
+    serve = None
+    try:
+        server.wait_for("ivshmem server on")
+        serve = Background(tmp_path, "serve", "serve", "--server", str(sock), "--coalesce")
+        serve.wait_for("waiting for the driver's peer")
+        out = run("ping", "--server", str(sock), "--coalesce", "-c", "200", "-i", "0")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "200 requests sent, 200 replies received, 0% loss" in out.stdout
+        assert serve.stop(signal.SIGINT) == 0
+        stats = serve.out.read_text().split("stopped after ", 1)[1]
+        suppressed = int(stats.split("doorbells_suppressed=", 1)[1].split(",", 1)[0])
+        rung = int(stats.split("doorbells_rung=", 1)[1].split(",", 1)[0])
+        assert rung + suppressed == 200  # one response each: rung, or not needed
+        assert suppressed > 0  # the driver polled for its response
+    finally:
+        if serve is not None:
+            serve.stop(signal.SIGINT)
+        server.stop()
