@@ -6,6 +6,7 @@ around one server socket in tmp_path; every background process is stopped by the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,21 +57,30 @@ class Background:
         return rc
 
 
-@pytest.fixture
-def fabric(tmp_path):
-    """A running server and a serving rng device; yields the socket path."""
+@contextlib.contextmanager
+def running_fabric(tmp_path: Path, vectors: int = 2, *serve_args: str):
+    """A running server and a serving rng device: (socket path, server, serve)."""
     sock = tmp_path / "ivshmem.sock"
-    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "2")
+    n = str(vectors)
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", n)
     serve = None
     try:
         server.wait_for("ivshmem server on")
-        serve = Background(tmp_path, "serve", "serve", "--server", str(sock), "--vectors", "2")
+        serve = Background(
+            tmp_path, "serve", "serve", "--server", str(sock), "--vectors", n, *serve_args
+        )
         serve.wait_for("waiting for the driver's peer")
         yield sock, server, serve
     finally:
         if serve is not None:
             serve.stop(signal.SIGINT)
         server.stop()
+
+
+@pytest.fixture
+def fabric(tmp_path):
+    with running_fabric(tmp_path) as fab:
+        yield fab
 
 
 def test_probe_json_through_a_server(fabric):
@@ -202,23 +212,13 @@ def test_fake_fabric_server_exits_when_idle(tmp_path):
     reason="coalescing needs the compiled helper (no C compiler at install)",
 )
 def test_serve_and_ping_with_coalesce_skip_doorbells_and_lose_nothing(tmp_path):
-    sock = tmp_path / "ivshmem.sock"
-    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "1")
-    serve = None
-    try:
-        server.wait_for("ivshmem server on")
-        serve = Background(tmp_path, "serve", "serve", "--server", str(sock), "--coalesce")
-        serve.wait_for("waiting for the driver's peer")
+    with running_fabric(tmp_path, 1, "--coalesce") as (sock, _, serve):
         out = run("ping", "--server", str(sock), "--coalesce", "-c", "200", "-i", "0")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "200 requests sent, 200 replies received, 0% loss" in out.stdout
         assert serve.stop(signal.SIGINT) == 0
         stats = serve.out.read_text().split("stopped after ", 1)[1]
-        suppressed = int(stats.split("doorbells_suppressed=", 1)[1].split(",", 1)[0])
-        rung = int(stats.split("doorbells_rung=", 1)[1].split(",", 1)[0])
-        assert rung + suppressed == 200  # one response each: rung, or not needed
-        assert suppressed > 0  # the driver polled for its response
-    finally:
-        if serve is not None:
-            serve.stop(signal.SIGINT)
-        server.stop()
+    suppressed = int(stats.split("doorbells_suppressed=", 1)[1].split(",", 1)[0])
+    rung = int(stats.split("doorbells_rung=", 1)[1].split(",", 1)[0])
+    assert rung + suppressed == 200  # one response each: rung, or not needed
+    assert suppressed > 0  # the driver polled for its response

@@ -122,6 +122,22 @@ def _half(count: int) -> int:
     return max(1, count // 2)
 
 
+def timed_second_half(conn: Any, run: Callable[[int], Any], count: int) -> tuple[Any, int, int]:
+    """Say ready, ``run`` the first half of ``count`` (warm-up), then the second half.
+
+    Returns:
+        What the last ``run`` returned, the time it ended (``perf_counter_ns``), and the RSS
+        growth in KiB over the second half.
+    """
+    warm = _half(count)
+    _ready(conn)
+    run(warm)
+    rss_warm = _rss_kib()
+    last = run(count - warm)
+    end = time.perf_counter_ns()
+    return last, end, _rss_kib() - rss_warm
+
+
 def _rss_metrics(growth_kib: int, count: int) -> dict[str, float]:
     """RSS growth of a consumer over the second half of its messages, and per message."""
     measured = count - _half(count)

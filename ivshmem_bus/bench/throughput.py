@@ -38,6 +38,7 @@ from .harness import (
     mapped_queue,
     record,
     shm_file,
+    timed_second_half,
 )
 
 __all__ = ["case_encoded", "case_raw", "sample_messages"]
@@ -88,8 +89,6 @@ def _consume_child(
     whether the last slot was the right one, and its RSS growth."""
     with mapped_queue(path, size, blocks=api == "batch") as q:
         dl = _Deadline()
-        last: Any = None
-        warm = _half(count)
         get, get_many, drain, get_block = q.get, q.get_many, q.drain, q.get_block
         out = memoryview(bytearray(SLOT_SIZE * batch))  # slices write into it, not a copy
 
@@ -129,14 +128,9 @@ def _consume_child(
                 got += done
             return None
 
-        _ready(conn)
-        run(warm)
-        rss_warm = _rss_kib()
-        last = run(count - warm)
-        end = time.perf_counter_ns()
-        rss_end = _rss_kib()
+        last, end, growth = timed_second_half(conn, run, count)
     ok = api not in ("per-call", *BLOCK_APIS) or last == LAST
-    return {"end_ns": end, "ok": ok, "rss_growth_kib": rss_end - rss_warm}
+    return {"end_ns": end, "ok": ok, "rss_growth_kib": growth}
 
 
 def raw_python_run(size: int, api: str, count: int, batch: int = 1) -> dict[str, float]:
@@ -274,7 +268,6 @@ def _codec_consumer(conn: Any, dev: Any, other: Any, count: int) -> dict[str, An
     q = SpscQueue(dev.shmem[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE])
     get, decode, size = q.get, p.decode, p.MESSAGE_SIZE[PROFILE]
     dl = _Deadline()
-    warm = _half(count)
 
     def run(n: int) -> Any:
         msg = None
@@ -285,14 +278,9 @@ def _codec_consumer(conn: Any, dev: Any, other: Any, count: int) -> dict[str, An
             msg = decode(raw, PROFILE)
         return msg
 
-    _ready(conn)
-    run(warm)
-    rss_warm = _rss_kib()
-    last = run(count - warm)
-    end = time.perf_counter_ns()
-    rss_end = _rss_kib()
+    last, end, growth = timed_second_half(conn, run, count)
     q.release()
-    return {"end_ns": end, "last": repr(last), "rss_growth_kib": rss_end - rss_warm}
+    return {"end_ns": end, "last": repr(last), "rss_growth_kib": growth}
 
 
 def encoded_codec_run(count: int) -> dict[str, float]:
