@@ -72,8 +72,8 @@ Handler = Callable[[Message], Message | None]
 class BusStats:
     """Counters of one bus. ``dropped`` = malformed + unknown + stray responses + overflow
     (messages beyond ``max_pending`` kept for ``receive``). ``lost_doorbells``: sleeps that
-    the poll interval ended (no doorbell) with messages waiting: their doorbell was lost or
-    never rung. ``doorbells_suppressed``: sends that coalescing did not ring for."""
+    the poll interval ended with messages waiting and still no doorbell pending: it was lost
+    or never rung. ``doorbells_suppressed``: sends that coalescing did not ring for."""
 
     sent: int = 0
     received: int = 0
@@ -276,7 +276,7 @@ class VirtioMsgBus:
             self._rx.set_polling(True)
         if doorbell:
             self.stats.doorbell_wakeups += 1
-        elif not self._rx.empty():
+        elif not self._rx.empty() and not self.device.drain():  # not one just arriving
             self.stats.lost_doorbells += 1
             log.debug("%s: messages waited for a doorbell that never came", self.device.name)
 
