@@ -7,8 +7,8 @@ bytes. One request outstanding; a response is matched by msg_id.
 ``"spec-v1"`` (section 5): the draft virtio-msg transport. Header of 8 bytes (type, msg_id,
 dev_num, token u16, msg_size), 40-byte payload, 48-byte messages, matched by token.
 
-The codec is data: ``_LAYOUTS[profile][(type, msg_id)]`` says which class a wire type is and
-how its payload is laid out (an ``struct`` format at payload offset 0 plus, for a few
+The codec is data: ``_layouts._BY_WIRE[profile][(type, msg_id)]`` says which class a wire type
+is and how its payload is laid out (a ``struct`` format at payload offset 0 plus, for a few
 messages, a variable tail). There is no if-chain per message.
 
 Invariant (what the fuzz tests check): for ANY bytes, ``decode`` returns a message or raises
@@ -19,14 +19,24 @@ the message's own msg_size. Bad arguments to ``encode`` raise ``ValueError``/``T
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from . import messages as m
+from ._layouts import (
+    _BY_CLASS,
+    _BY_WIRE,
+    _HEADER,
+    _RESERVED_TYPE_BITS,
+    HEADER_SIZE,
+    MESSAGE_SIZE,
+    PROFILES,
+    _Layout,
+    _Tail,
+    _tail_len,
+)
 from .errors import ProtocolError
 from .messages import (  # re-exported: protocol.GetFeatures etc.
     BusEventDevice,
@@ -114,33 +124,6 @@ __all__ = [
     "wire_fields",
 ]
 
-PROFILES: Final = ("qemu-v0", "spec-v1")
-HEADER_SIZE: Final = {"qemu-v0": 6, "spec-v1": 8}
-MESSAGE_SIZE: Final = {"qemu-v0": 44, "spec-v1": 48}
-_HEADER = {"qemu-v0": struct.Struct("<BBHH"), "spec-v1": struct.Struct("<BBHHH")}
-_RESERVED_TYPE_BITS = 0xFF & ~(m.TYPE_RESPONSE | m.TYPE_BUS)
-
-
-# --- Variable tails ----------------------------------------------------------------------------
-# A tail follows the fixed struct. It gets the fields decoded so far and the remaining payload
-# bytes, and must check every length against what is really there.
-
-
-@dataclass(frozen=True, slots=True)
-class _Tail:
-    """How a variable (or zero-padded) part after the fixed fields is carried."""
-
-    field: str  # the message field it fills
-    count: str  # the field that says how long it is
-    unit: int  # bytes per count (4 for feature blocks, 1 for bytes)
-    limit: int  # the largest count the payload can hold
-    padded: int = 0  # > 0: a fixed-size field of this many bytes (qemu-v0 config fields)
-    bitmap: bool = False  # count is in bits, rounded up to bytes
-
-
-def _tail_len(tail: _Tail, count: int) -> int:
-    return (count + 7) // 8 if tail.bitmap else count * tail.unit
-
 
 def _pack_tail(tail: _Tail, msg: Message, profile: str) -> bytes:
     count = getattr(msg, tail.count)
@@ -171,145 +154,6 @@ def _unpack_tail(tail: _Tail, values: dict, rest: memoryview, msg_id: int) -> No
         values[tail.field] = int.from_bytes(raw, "little")
     else:
         values[tail.field] = raw[: _tail_len(tail, count)]
-
-
-# --- Layouts -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity: a dict key on hot paths
-class _Layout:
-    cls: type[Message]
-    fixed: struct.Struct  # at payload offset 0; "x" bytes are reserved, written as zero
-    names: tuple[str, ...]  # the fields packed by `fixed`, in order
-    tail: _Tail | None = None
-    # Fields this profile cannot carry must hold these values (else encode raises).
-    absent: tuple[str, ...] = ()
-
-    @property
-    def absent_defaults(self) -> tuple[tuple[str, object], ...]:
-        return _absent_defaults(self.cls, self.absent)
-
-
-@functools.cache
-def _absent_defaults(cls: type[Message], absent: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    return tuple((name, fields[name]) for name in absent)
-
-
-def _L(cls: type[Message], fmt: str = "", names: str = "", **kw) -> _Layout:
-    return _Layout(cls, struct.Struct("<" + fmt), tuple(names.split()), **kw)
-
-
-_CFG_NAMES = "generation offset size"
-_VQ_ADDRS = "descriptor_addr driver_addr device_addr"
-_QEMU_CFG = _Tail("data", "size", 1, 8, padded=8)
-_SPEC_CFG = _Tail("data", "size", 1, 28)
-_SPEC_BLOCKS = _Tail("features", "num", 4, m.MAX_FEATURE_BLOCKS)
-
-_QEMU_V0: list[_Layout] = [
-    _L(m.DeviceInfo),
-    _L(
-        m.DeviceInfoResponse,
-        "IIII",
-        "device_id vendor_id num_feature_bits config_size",
-        absent=("max_virtqueues", "admin_vq_start", "admin_vq_count"),
-    ),
-    _L(m.GetFeatures, "II", "index num"),
-    _L(m.GetFeaturesResponse, "IIQ", "index num features"),
-    _L(m.SetFeatures, "IIQ", "index num features"),
-    _L(m.SetFeaturesResponse, "IIQ", "index num features"),
-    _L(m.GetConfig, "II", "offset size"),
-    _L(m.GetConfigResponse, "III", _CFG_NAMES, tail=_QEMU_CFG),
-    _L(m.SetConfig, "III", _CFG_NAMES, tail=_QEMU_CFG),
-    _L(m.SetConfigResponse, "III", _CFG_NAMES, tail=_QEMU_CFG),
-    _L(m.GetDeviceStatus),
-    _L(m.GetDeviceStatusResponse, "I", "status"),
-    _L(m.SetDeviceStatus, "I", "status"),
-    _L(m.SetDeviceStatusResponse, "I", "status"),
-    _L(m.GetVqueue, "I", "index"),
-    _L(m.GetVqueueResponse, "IIIQQQ", "index max_size size " + _VQ_ADDRS),
-    _L(m.SetVqueue, "I4xIQQQ", "index size " + _VQ_ADDRS),  # u32 "unused" at 4
-    _L(m.SetVqueueResponse, "I4xIQQQ", "index size " + _VQ_ADDRS),
-    _L(m.ResetVqueue, "I", "index"),
-    _L(m.ResetVqueueResponse),
-    _L(
-        m.EventConfig,
-        "IIII",
-        "status " + _CFG_NAMES,
-        tail=_Tail("config_value", "size", 1, 16, padded=16),
-    ),
-    _L(m.EventAvail, "II", "index next_offset_wrap"),
-    _L(m.EventUsed, "I", "index"),
-    _L(m.IommuEnable, "B", "enable"),
-    _L(m.IommuTranslate, "QB", "va prot"),
-    _L(m.IommuTranslateResponse, "QQB", "va pa prot"),
-]
-
-_SPEC_V1: list[_Layout] = [
-    _L(m.DeviceInfo),
-    _L(
-        m.DeviceInfoResponse,
-        "IIIIIHH",
-        "device_id vendor_id num_feature_bits config_size max_virtqueues admin_vq_start "
-        "admin_vq_count",
-    ),
-    _L(m.GetFeatures, "II", "index num"),
-    _L(m.GetFeaturesResponse, "II", "index num", tail=_SPEC_BLOCKS),
-    _L(m.SetFeatures, "II", "index num", tail=_SPEC_BLOCKS),
-    _L(m.SetFeaturesResponse, absent=("index", "num", "features")),
-    _L(m.GetConfig, "II", "offset size"),
-    _L(m.GetConfigResponse, "III", _CFG_NAMES, tail=_SPEC_CFG),
-    _L(m.SetConfig, "III", _CFG_NAMES, tail=_SPEC_CFG),
-    _L(m.SetConfigResponse, "III", _CFG_NAMES, tail=_SPEC_CFG),
-    _L(m.GetDeviceStatus),
-    _L(m.GetDeviceStatusResponse, "I", "status"),
-    _L(m.SetDeviceStatus, "I", "status"),
-    _L(m.SetDeviceStatusResponse, "I", "status"),
-    _L(m.GetVqueue, "I", "index"),
-    _L(m.GetVqueueResponse, "III4xQQQ", "index max_size size " + _VQ_ADDRS),
-    _L(m.SetVqueue, "I4xI4xQQQ", "index size " + _VQ_ADDRS),
-    _L(m.SetVqueueResponse, absent=("index", "size", *_VQ_ADDRS.split())),
-    _L(m.ResetVqueue, "I", "index"),
-    _L(m.ResetVqueueResponse),
-    _L(m.GetShm, "I", "index"),
-    _L(m.GetShmResponse, "III", "index length address"),  # u32s in the draft
-    _L(m.EventConfig, "IIII", "status " + _CFG_NAMES, tail=_Tail("config_value", "size", 1, 24)),
-    _L(m.EventAvail, "II", "index next_offset_wrap"),
-    _L(m.EventUsed, "I", "index"),
-    _L(m.BusGetDevices, "HH", "offset num"),
-    _L(
-        m.BusGetDevicesResponse,
-        "HHH",
-        "offset num next_offset",
-        tail=_Tail("bitmap", "num", 1, 8 * 34, bitmap=True),
-    ),
-    _L(m.BusPing, "I", "data"),
-    _L(m.BusPingResponse, "I", "data"),
-    _L(m.BusEventDevice, "HH", "target_dev_num dev_state"),
-]
-
-
-def _index(layouts: list[_Layout]) -> tuple[dict[tuple[int, int], _Layout], dict[type, _Layout]]:
-    by_wire: dict[tuple[int, int], _Layout] = {}
-    by_cls: dict[type, _Layout] = {}
-    for layout in layouts:
-        cls = layout.cls
-        wire_type = (m.TYPE_RESPONSE if cls.RESPONSE else 0) | (m.TYPE_BUS if cls.BUS else 0)
-        by_wire[(wire_type, cls.MSG_ID)] = layout
-        by_cls[cls] = layout
-    return by_wire, by_cls
-
-
-_BY_WIRE: dict[str, dict[tuple[int, int], _Layout]] = {}
-_BY_CLASS: dict[str, dict[type, _Layout]] = {}
-for _profile, _layouts in (("qemu-v0", _QEMU_V0), ("spec-v1", _SPEC_V1)):
-    _BY_WIRE[_profile], _BY_CLASS[_profile] = _index(_layouts)
-    for _layout in _layouts:  # a layout that overflows the payload is a bug in this file
-        _tail_max = _layout.tail and (
-            _layout.tail.padded or _tail_len(_layout.tail, _layout.tail.limit)
-        )
-        if _layout.fixed.size + (_tail_max or 0) > MESSAGE_SIZE[_profile] - HEADER_SIZE[_profile]:
-            raise AssertionError(f"{_profile} {_layout.cls.__name__} overflows the payload")
 
 
 def _check_profile(profile: str) -> None:
