@@ -606,14 +606,18 @@ class SpscQueue:
         return len(self._buf)
 
     def reset(self) -> None:
-        """Empty the queue: zero both indexes (one store each), then every slot.
+        """Empty the queue: zero both indexes (one store each), then the rest of the
+        region (the header's padding, the polling flag with it, and every slot), as the
+        spec's "all zeroed".
 
         Only the side that owns reset calls this, before the peer uses the queue (the
         "reset-queues" option): a reset under a live peer loses what was in flight.
         """
         self._idx[_HEAD_WORD] = 0
         self._idx[_TAIL_WORD] = 0
-        self._buf[QUEUE_HEADER_SIZE:] = bytes(len(self._buf) - QUEUE_HEADER_SIZE)
+        buf = self._buf
+        buf[HEAD_OFFSET + 4 : TAIL_OFFSET] = bytes(TAIL_OFFSET - HEAD_OFFSET - 4)
+        buf[TAIL_OFFSET + 4 :] = bytes(len(buf) - TAIL_OFFSET - 4)
         self._head = self._tail = self._cached_head = self._cached_tail = 0
 
     def resync(self) -> None:

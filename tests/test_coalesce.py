@@ -106,6 +106,16 @@ def test_a_queue_that_ignores_the_flag_gets_its_doorbells():
     assert rings == 20
 
 
+def test_reset_zeroes_a_polling_flag_with_the_rest_of_the_region():
+    pair = QueuePair.new(8)
+    pair.consumer.set_polling(True)
+    pair.region[0x10] = 0x77  # other header padding too
+    pair.producer.put(b"x")
+    pair.producer.reset()
+    assert bytes(pair.region) == bytes(len(pair.region))
+    assert pair.guards_intact()
+
+
 def test_needs_doorbell_checks_the_tail_it_loads():
     pair = QueuePair.new(8)
     pair.producer.put(b"x")
