@@ -9,7 +9,6 @@ except ModuleNotFoundError:  # run from a source tree without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivshmem_bus.bench import main
-from ivshmem_bus.bench.report import cpu_model  # noqa: F401  (tools/latency.py imports it here)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,11 +16,17 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from bench import cpu_model  # tools/ is on sys.path when run as a script
+try:
+    import ivshmem_bus  # noqa: F401
+except ModuleNotFoundError:  # run from a source tree without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivshmem_bus import protocol as p
+from ivshmem_bus.bench.report import cpu_model
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.demo import served_device
 from ivshmem_bus.fake import fake_pair

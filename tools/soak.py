@@ -31,7 +31,13 @@ import random
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+try:
+    import ivshmem_bus  # noqa: F401
+except ModuleNotFoundError:  # run from a source tree without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivshmem_bus import protocol as p
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
