@@ -339,8 +339,11 @@ class SpscQueue:
             QueueCorrupt: the peer's tail index is out of range (nothing written).
         """
         n, rest = divmod(len(block), SLOT_SIZE)
-        if rest:
-            raise ValueError(f"a block is whole {SLOT_SIZE}-byte slots, not {len(block)} bytes")
+        if rest or (type(block) is memoryview and block.itemsize != 1):
+            raise ValueError(
+                f"a block is whole {SLOT_SIZE}-byte slots of unsigned bytes, not {len(block)} "
+                f"items of {type(block).__name__}"
+            )
         cap = self._capacity
         if self._blocks is not None:
             r = self._blocks.put(self._head, self._cached_tail, block, n)
@@ -506,6 +509,8 @@ class SpscQueue:
         Raises:
             QueueCorrupt: the peer's head index is out of range (nothing copied).
         """
+        if type(out) is memoryview and out.itemsize != 1:
+            raise ValueError("get_block needs a buffer of unsigned bytes (memoryview format 'B')")
         n = len(out) // SLOT_SIZE
         cap = self._capacity
         if self._blocks is not None:

@@ -225,6 +225,27 @@ def test_a_message_found_by_the_poll_interval_counts_as_a_lost_doorbell(pair, mo
     bus.close()
 
 
+def test_without_vectors_a_message_found_by_polling_is_not_a_lost_doorbell(monkeypatch):
+    """ivshmem-plain has no interrupts: every message is found by the poll interval, and
+    none of that is a doorbell lost."""
+    a, b = fake_pair(16384)
+    bus = VirtioMsgBus(a, "device", b.vmid, reset_queues=True, spin=0, poll_interval=0.001)
+    peer = SpscQueue(b.shmem[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + 4096])
+    monkeypatch.setattr(a, "vector_fds", lambda: [])
+
+    def wait(timeout: float) -> set[int]:
+        peer.put(p.encode(p.EventAvail(5, 0)))
+        return set()
+
+    monkeypatch.setattr(a, "wait", wait)
+    assert bus.receive(1.0) == p.EventAvail(5, 0)
+    assert bus.stats.lost_doorbells == 0
+    peer.release()
+    bus.close()
+    a.close()
+    b.close()
+
+
 # --- 10^6 messages, random pauses on both sides, never a stall ----------------------------------
 
 COUNT = 1_000_000

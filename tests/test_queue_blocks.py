@@ -102,9 +102,14 @@ def test_block_and_per_call_ends_share_one_queue(impl):
 
 def test_a_block_is_whole_slots(impl):
     pair = QueuePair.new(4, impl)
-    with pytest.raises(ValueError, match="whole 64-byte slots, not 65 bytes"):
+    with pytest.raises(ValueError, match="whole 64-byte slots of unsigned bytes, not 65 items"):
         pair.producer.put_block(bytes(65))
-    assert pair.word(0x00) == 0
+    words = memoryview(bytearray(128)).cast("I")  # 32 items: a length that is not bytes
+    with pytest.raises(ValueError, match="unsigned bytes"):
+        pair.producer.put_block(words)
+    with pytest.raises(ValueError, match="unsigned bytes"):
+        pair.consumer.get_block(words)
+    assert pair.word(0x00) == 0 and pair.word(0x40) == 0
 
 
 def test_a_read_only_destination_is_refused_and_nothing_consumed(impl):
