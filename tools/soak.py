@@ -87,7 +87,7 @@ class SideReport:
 
     @property
     def clean(self) -> bool:
-        dropped = sum(self.stats.get(k, 0) for k in ("malformed", "unknown", "stray_responses"))
+        dropped = self.stats.get("dropped", 0)
         return (
             self.lost == self.duplicated == self.reordered == self.unexpected == dropped == 0
             and not self.send_error
@@ -160,7 +160,7 @@ def _side(
     report.duplicated = dup
     report.reordered = reordered
     report.unexpected = unexpected
-    report.stats = dataclasses.asdict(bus.stats)
+    report.stats = {**dataclasses.asdict(bus.stats), "dropped": bus.stats.dropped}
 
 
 def _device_child(
@@ -263,7 +263,7 @@ def _print(result: dict[str, Any]) -> None:
             print("device: no report (the child died)")
             continue
         stats = side["stats"]
-        dropped = sum(stats.get(k, 0) for k in ("malformed", "unknown", "stray_responses"))
+        dropped = stats.get("dropped", 0)
         print(
             f"{side['role']:>6}: sent {side['sent']:,} received {side['received']:,} "
             f"unexpected {side['unexpected']} dropped "

@@ -102,6 +102,23 @@ def c_pingpong_run(binary: Path, mode: str, count: int) -> tuple[dict[str, float
     return percentiles_us(rtt), oneway
 
 
+def _python_rtt(cfg: Config, n: int, mode: str, label: str, coalesce: bool = False) -> dict:
+    """One Python round-trip record: ``mode`` from RTT_MODES, optionally coalescing."""
+    spin = RTT_MODES[mode]
+    runs = cfg.repeat(lambda: rtt_python_run(spin, n, coalesce=coalesce))
+    params = {"count": n, "mode": mode, "spin_s": spin}
+    if coalesce:
+        params["coalesce"] = True
+    return record(
+        f"rtt.python.{mode}" + ("-coalesced" if coalesce else ""),
+        "rtt",
+        label,
+        "python",
+        {**params, "request": "GetDeviceStatus", "device": "RngDevice"},
+        combine(runs, LATENCY_UNITS),
+    )
+
+
 def case_rtt(cfg: Config) -> list[dict[str, Any]]:
     out = []
     n = cfg.count("rtt.python")
@@ -118,42 +135,10 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
                 combine(runs, LATENCY_UNITS),
             )
         )
-    runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["busy-poll"], n))
-    out.append(
-        record(
-            "rtt.python.busy-poll",
-            "rtt",
-            "Python request, busy-poll (spin 1 s)",
-            "python",
-            {
-                "count": n,
-                "mode": "busy-poll",
-                "spin_s": 1.0,
-                "request": "GetDeviceStatus",
-                "device": "RngDevice",
-            },
-            combine(runs, LATENCY_UNITS),
-        )
-    )
+    out.append(_python_rtt(cfg, n, "busy-poll", "Python request, busy-poll (spin 1 s)"))
     if _ffi.HAVE_COMPILED:  # coalescing needs the helper's fence
-        runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["busy-poll"], n, coalesce=True))
-        out.append(
-            record(
-                "rtt.python.busy-poll-coalesced",
-                "rtt",
-                "Python request, busy-poll, coalesce=True (no doorbell)",
-                "python",
-                {
-                    "count": n,
-                    "mode": "busy-poll",
-                    "spin_s": 1.0,
-                    "coalesce": True,
-                    "request": "GetDeviceStatus",
-                    "device": "RngDevice",
-                },
-                combine(runs, LATENCY_UNITS),
-            )
-        )
+        label = "Python request, busy-poll, coalesce=True (no doorbell)"
+        out.append(_python_rtt(cfg, n, "busy-poll", label, coalesce=True))
     if cfg.binary is not None:
 
         def c_efd() -> dict[str, float]:
@@ -172,23 +157,7 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
                 combine(runs, LATENCY_UNITS),
             )
         )
-    runs = cfg.repeat(lambda: rtt_python_run(RTT_MODES["eventfd"], n))
-    out.append(
-        record(
-            "rtt.python.eventfd",
-            "rtt",
-            "Python request, eventfd wake (spin 0)",
-            "python",
-            {
-                "count": n,
-                "mode": "eventfd",
-                "spin_s": 0.0,
-                "request": "GetDeviceStatus",
-                "device": "RngDevice",
-            },
-            combine(runs, LATENCY_UNITS),
-        )
-    )
+    out.append(_python_rtt(cfg, n, "eventfd", "Python request, eventfd wake (spin 0)"))
     return out
 
 
