@@ -30,31 +30,23 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMP
 ANSI = re.compile(r"\x1b\[")
 
 
+def run_bench(entry: list[str], out: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The benchmark at tiny counts (``entry``: the shim or the console entry point), its
+    JSON to ``out`` and its C reference built under ``out``'s directory; must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, *entry, "--scale", "0.0001", "--quiet", *args, "--json", str(out),
+         "--cache-dir", str(out.parent / "cache")],
+        capture_output=True, text=True, timeout=120, cwd=cwd, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH),
-            "--scale",
-            "0.0001",
-            "--runs",
-            "2",
-            "--quiet",
-            "--json",
-            str(out),
-            "--cache-dir",
-            str(tmp / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_bench([str(BENCH)], out, tmp, "--runs", "2")
     return json.loads(out.read_text()), proc.stdout
 
 
@@ -143,31 +135,7 @@ def test_table_is_plain_text_when_piped(report):
 
 def test_console_script_runs_the_same_benchmark(tmp_path):
     out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ivshmem_bus",
-            "bench",
-            "--scale",
-            "0.0001",
-            "--runs",
-            "1",
-            "--only",
-            "raw",
-            "--quiet",
-            "--json",
-            str(out),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=ENV,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_bench(["-m", "ivshmem_bus", "bench"], out, ROOT, "--runs", "1", "--only", "raw")
     assert "raw 64-byte slots, one way" in proc.stdout
     assert not ANSI.search(proc.stdout)
     data = json.loads(out.read_text())
