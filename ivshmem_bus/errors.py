@@ -25,6 +25,8 @@ __all__ = [
     "ServerClientError",
     "ServerError",
     "VfioError",
+    "VirtqueueError",
+    "WindowError",
 ]
 
 
@@ -159,3 +161,44 @@ class ServerError(IvshmemBusError):
         self.path = path
         self.errno = errno
         super().__init__(message)
+
+
+class WindowError(IvshmemBusError, IndexError):
+    """An address range the peer named lies (partly) outside a memory window.
+
+    The peer (another VM) writes every address and length of a virtqueue: they are never
+    clamped into other memory, only refused. Also an ``IndexError`` (the range is out of
+    bounds).
+
+    Attributes:
+        window: the window's name.
+        addr: the first driver address of the range.
+        length: its length in bytes.
+    """
+
+    def __init__(self, window: str, addr: int, length: int, reason: str = "") -> None:
+        self.window = window
+        self.addr = addr
+        self.length = length
+        super().__init__(
+            f"{window}: {length} byte(s) at address 0x{addr:x} "
+            + (reason or "lie outside the window")
+        )
+
+
+class VirtqueueError(IvshmemBusError):
+    """A virtqueue's shared rings or descriptors are malformed (the peer's fault).
+
+    The queue that raised it is broken: a device marks itself DEVICE_NEEDS_RESET and keeps
+    serving its other queues and the bus.
+
+    Attributes:
+        queue: the virtqueue index, or ``None`` when not known.
+        reason: one sentence saying what was wrong.
+    """
+
+    def __init__(self, queue: int | None, reason: str) -> None:
+        self.queue = queue
+        self.reason = reason
+        where = "virtqueue" if queue is None else f"virtqueue {queue}"
+        super().__init__(f"{where}: {reason}")
