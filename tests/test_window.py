@@ -29,7 +29,7 @@ def test_view_maps_driver_addresses_to_offsets() -> None:
 )
 def test_out_of_window_ranges_are_refused(addr: int, length: int) -> None:
     w = BufferWindow(bytearray(64), BASE, name="test window")
-    with pytest.raises(WindowError, match="test window: .* at address 0x"):
+    with pytest.raises(WindowError, match=r"test window: .* at address 0x"):
         w.view(addr, length)
 
 
@@ -55,4 +55,4 @@ def test_any_range_is_inside_or_refused(addr: int, length: int) -> None:
     except WindowError:
         assert length < 0 or addr < 0x1000 or addr - 0x1000 + length > 256
     else:
-        assert 0x1000 <= addr and addr - 0x1000 + length <= 256 and len(v) == length
+        assert addr >= 0x1000 and addr - 0x1000 + length <= 256 and len(v) == length
