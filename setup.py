@@ -1,6 +1,6 @@
 """Build hook for the optional compiled helper; all metadata lives in pyproject.toml.
 
-``cffi_modules`` runs tools/build_helper.py and adds ``ivshmem_bus._helper`` as an extension.
+``cffi_modules`` runs tools/build_helper.py and adds ``ivshmem_bus.native._helper`` as an extension.
 Plain ``cffi_modules`` makes a missing compiler fail the whole ``pip install``; the package
 works without the helper (ivshmem_bus/_ffi.py falls back), so the extension is marked
 optional: setuptools then warns "building extension ... failed" and installs the rest.

@@ -6,8 +6,8 @@ This module only re-exports. Reading order: ``cli`` -> ``bus`` -> ``device`` -> 
 
 __version__ = "0.1.0"  # first: _ffi stamps the compiled helper with it
 
+from .core.queue import SLOT_SIZE, SpscQueue
 from .errors import IvshmemBusError, ProtocolError, QueueCorrupt
-from .queue import SLOT_SIZE, SpscQueue
 
 __all__ = [
     "SLOT_SIZE",

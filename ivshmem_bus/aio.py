@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from .bus import VirtioMsgBus
-from .protocol import Message
+from .core.protocol import Message
 
 __all__ = ["AsyncVirtioMsgBus"]
 

@@ -43,11 +43,11 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from . import protocol
-from .device import IvshmemDevice
+from .backends.base import IvshmemDevice
+from .core import protocol
+from .core.protocol import Message, UnknownMessage
+from .core.queue import SpscQueue
 from .errors import BusClosed, BusTimeout, ProtocolError
-from .protocol import Message, UnknownMessage
-from .queue import SpscQueue
 
 __all__ = [
     "DEVICE_QUEUE_OFFSET",

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import protocol as p
+from .backends.base import IvshmemDevice
+from .backends.fake import fake_pair
 from .bus import VirtioMsgBus, reset_queues_of
-from .device import IvshmemDevice
-from .fake import fake_pair
+from .core import protocol as p
 from .transport import DeviceDescription, RngDevice, VirtioMsgDevice, VirtioMsgDriver
 
 __all__ = ["DemoResult", "run_demo", "served_device"]

@@ -22,6 +22,7 @@ __all__ = [
     "PciError",
     "ProtocolError",
     "QueueCorrupt",
+    "RemoteVmidError",
     "ServerClientError",
     "ServerError",
     "VfioError",
@@ -82,6 +83,10 @@ class BusTimeout(BusError, TimeoutError):
 
 class BusClosed(BusError):
     """The bus was used after ``close()``."""
+
+
+class RemoteVmidError(IvshmemBusError):
+    """``--remote-vmid auto`` found no peer, or several (the message lists them)."""
 
 
 class ServerClientError(IvshmemBusError):

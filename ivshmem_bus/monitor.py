@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from . import protocol
 from .bus import DEVICE_QUEUE_OFFSET, DRIVER_QUEUE_OFFSET, QUEUE_SIZE
+from .core import protocol
+from .core.queue import HEAD_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, TAIL_OFFSET, queue_capacity
 from .errors import ProtocolError, QueueCorrupt
-from .queue import HEAD_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, TAIL_OFFSET, queue_capacity
 
 __all__ = ["LINKTYPE_USER0", "LinkTap", "PcapWriter", "QueueTap", "Seen"]
 

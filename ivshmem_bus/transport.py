@@ -22,10 +22,10 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import protocol as p
 from .bus import VirtioMsgBus
+from .core import protocol as p
+from .core.messages import MAX_FEATURE_BLOCKS
 from .errors import ProtocolError
-from .messages import MAX_FEATURE_BLOCKS
 
 __all__ = [
     "DEVICE_NAMES",

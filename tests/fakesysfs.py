@@ -1,4 +1,4 @@
-"""A fake sysfs (and /dev) tree for ivshmem_bus.pci, with a tiny model of the kernel's reactions.
+"""A fake sysfs (and /dev) tree for backends/vfio/pci.py,: a tiny model of the kernel.
 
 The layout mirrors the real one: ``devices/pci0000:00/BDF`` directories, ``bus/pci/devices/BDF``
 symlinks to them, ``driver`` -> ``../../../bus/pci/drivers/NAME`` and ``iommu_group`` ->
@@ -175,7 +175,7 @@ class FakeSysfs:
     def override_of(self, bdf: str) -> str:
         return (self.dev_dir(bdf) / "driver_override").read_text().strip()
 
-    # The kernel model: stands in for ivshmem_bus.pci._write
+    # The kernel model: stands in for ivshmem_bus.backends.vfio.pci._write
 
     def write(self, path: str, text: str) -> None:
         rel = os.path.relpath(path, self.root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.core.queue import SpscQueue
 
 GUARD = 0xA5  # fill byte around a queue region: any write outside the region shows up
 GUARD_LEN = 64

@@ -9,12 +9,12 @@ from collections.abc import Callable
 
 import pytest
 
-from ivshmem_bus import protocol as p
 from ivshmem_bus.aio import AsyncVirtioMsgBus
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.errors import BusClosed, BusTimeout, QueueCorrupt
-from ivshmem_bus.fake import fake_pair
-from ivshmem_bus.queue import SpscQueue
 
 
 @pytest.fixture

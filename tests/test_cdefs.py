@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_bus._ffi import ffi, lib
+from ivshmem_bus.native.ffi import ffi, lib
 
 STRUCTS = sorted(ffi.list_types()[1])
 CONSTANTS = sorted(name for name in dir(lib) if isinstance(getattr(lib, name), int))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_bus import cli, pci
+from ivshmem_bus import cli
+from ivshmem_bus.backends.vfio import pci
 
 from .fakesysfs import FakeSysfs
 

@@ -109,8 +109,8 @@ def test_ping_statistics_and_exit_code(fabric):
 
 def test_serve_prints_status_changes_and_stops_cleanly(fabric, tmp_path):
     sock, server, serve = fabric
+    from ivshmem_bus.backends.server_client import ServerClientDevice
     from ivshmem_bus.bus import VirtioMsgBus
-    from ivshmem_bus.client import ServerClientDevice
     from ivshmem_bus.transport import VirtioMsgDriver
 
     with ServerClientDevice(sock, vectors=2) as dev, VirtioMsgBus(dev, "driver", 0) as bus:
@@ -208,7 +208,7 @@ def test_fake_fabric_server_exits_when_idle(tmp_path):
 
 
 @pytest.mark.skipif(
-    not __import__("ivshmem_bus._ffi", fromlist=["HAVE_COMPILED"]).HAVE_COMPILED,
+    not __import__("ivshmem_bus.native.ffi", fromlist=["HAVE_COMPILED"]).HAVE_COMPILED,
     reason="coalescing needs the compiled helper (no C compiler at install)",
 )
 def test_serve_and_ping_with_coalesce_skip_doorbells_and_lose_nothing(tmp_path):

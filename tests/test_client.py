@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from ivshmem_bus.client import ServerClientDevice
+from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.errors import ServerClientError
 
 
@@ -170,7 +170,7 @@ def test_invalid_peer_ids_are_ignored_and_their_fds_closed(tmp_path, fds):
 
 
 def test_fetch_shared_memory_survives_a_greeting_split_across_reads(tmp_path, fds):
-    from ivshmem_bus.client import fetch_shared_memory
+    from ivshmem_bus.backends.server_client import fetch_shared_memory
 
     shm = fds("shm")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from ivshmem_bus import _ffi
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import DEVICE_QUEUE_OFFSET, DRIVER_QUEUE_OFFSET, VirtioMsgBus
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.errors import QueueCorrupt
-from ivshmem_bus.fake import fake_pair
-from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.native import ffi as _ffi
 
 from .helpers import QueuePair
 

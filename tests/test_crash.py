@@ -37,12 +37,12 @@ from typing import Any
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.base import IvshmemDevice
+from ivshmem_bus.backends.fake import fake_pair
+from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
-from ivshmem_bus.client import ServerClientDevice
-from ivshmem_bus.device import IvshmemDevice
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.errors import BusTimeout
-from ivshmem_bus.fake import fake_pair
 from ivshmem_bus.server import IvshmemServer
 from ivshmem_bus.transport import RngDevice
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
-from ivshmem_bus.fake import fake_pair
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.monitor import LinkTap, PcapWriter
 
 LUA = Path(__file__).resolve().parent.parent / "tools" / "virtio-msg.lua"

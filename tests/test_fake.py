@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ivshmem_bus.fake import fake_pair
+from ivshmem_bus.backends.fake import fake_pair
 
 
 def open_fds() -> int:
@@ -134,8 +134,9 @@ def test_async_wait_uses_the_same_eventfds(pair):
 
 
 def test_queues_get_a_fence_only_on_weakly_ordered_cpus(pair, monkeypatch):
-    from ivshmem_bus import _ffi, protocol
     from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.core import protocol
+    from ivshmem_bus.native import ffi as _ffi
 
     a, _ = pair
     assert a.fence is None  # x86-64: TSO already orders slot and index

@@ -1,4 +1,4 @@
-"""ivshmem_bus._ffi on both paths: the compiled helper and the pure-Python fallback.
+"""ivshmem_bus.native.ffi on both paths: the compiled helper and the pure-Python fallback.
 
 Every behaviour test runs twice through the ``path`` fixture: ``compiled`` (skipped with a
 reason when the helper is not built) and ``fallback`` (the helper hidden with monkeypatch, as
@@ -18,8 +18,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ivshmem_bus import __version__, _ffi
+from ivshmem_bus import __version__
 from ivshmem_bus.errors import IvshmemBusError, VfioError
+from ivshmem_bus.native import ffi as _ffi
 
 ffi, lib = _ffi.ffi, _ffi.lib
 ORDER = sys.byteorder
@@ -290,6 +291,6 @@ def test_missing_helper_says_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_built_helper_carries_the_package_version() -> None:
     if not _ffi.HAVE_COMPILED:
         pytest.skip(f"compiled helper not available: {_ffi._MISSING_REASON}")
-    from ivshmem_bus import _helper  # type: ignore[attr-defined]
+    from ivshmem_bus.native import _helper  # type: ignore[attr-defined]
 
     assert ffi.string(_helper.lib.IVB_HELPER_VERSION).decode() == __version__

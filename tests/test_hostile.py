@@ -41,7 +41,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import FakeDevice, fake_pair
+from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import (
     DEVICE_QUEUE_OFFSET,
     DRIVER_QUEUE_OFFSET,
@@ -49,10 +50,9 @@ from ivshmem_bus.bus import (
     VirtioMsgBus,
     reset_queues_of,
 )
-from ivshmem_bus.client import ServerClientDevice
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import POLLING_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
 from ivshmem_bus.errors import BusTimeout, ProtocolError, QueueCorrupt, ServerClientError
-from ivshmem_bus.fake import FakeDevice, fake_pair
-from ivshmem_bus.queue import POLLING_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
 from ivshmem_bus.server import IvshmemServer
 from ivshmem_bus.transport import RngDevice
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import FakeDevice, fake_pair
+from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import DEVICE_QUEUE_OFFSET, VirtioMsgBus
-from ivshmem_bus.client import ServerClientDevice
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.errors import QueueCorrupt, ServerClientError, ServerError
-from ivshmem_bus.fake import FakeDevice, fake_pair
-from ivshmem_bus.queue import SpscQueue
 from ivshmem_bus.server import IvshmemServer
 
 ROUNDS = 1000

@@ -8,12 +8,12 @@ import threading
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.errors import QueueCorrupt
-from ivshmem_bus.fake import fake_pair
 from ivshmem_bus.monitor import LINKTYPE_USER0, LinkTap, PcapWriter, QueueTap
-from ivshmem_bus.queue import SpscQueue
 
 
 def test_tap_sees_in_flight_and_new_slots_and_needs_no_write_access():

@@ -1,4 +1,4 @@
-"""ivshmem_bus.pci against a fake sysfs tree (tests/fakesysfs.py), plus one look at the real /sys.
+"""backends/vfio/pci.py against a fake sysfs tree (tests/fakesysfs.py).
 
 The fake tree cannot run a kernel, so binding is checked by the order and bytes of the writes
 (recorded by FakeSysfs.write, which replaces pci._write) and by the state its kernel model
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ivshmem_bus import pci
+from ivshmem_bus.backends.vfio import pci
 from ivshmem_bus.errors import DeviceNotFound, IvshmemBusError, PciError
 
 from .fakesysfs import DOORBELL_BARS, PLAIN_BARS, FakeSysfs, config_space

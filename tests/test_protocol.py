@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.errors import ProtocolError
 
 DATA = Path(__file__).parent / "data"

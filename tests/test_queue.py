@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings, stateful
 from hypothesis import strategies as st
 
+from ivshmem_bus.core.queue import SpscQueue, queue_capacity
 from ivshmem_bus.errors import QueueCorrupt
-from ivshmem_bus.queue import SpscQueue, queue_capacity
 
 from .helpers import QueuePair
 

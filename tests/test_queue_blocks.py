@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings, stateful
 from hypothesis import strategies as st
 
-from ivshmem_bus import _ffi
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.errors import QueueCorrupt
-from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.native import ffi as _ffi
 
 from .helpers import GUARD, QueuePair
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.core.queue import SpscQueue
 
 COUNT = 1_000_000
 REGION = 4096

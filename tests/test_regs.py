@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ivshmem_bus.regs import DOORBELL, IVPOSITION, Bar0, MmapWords, PreadWords, doorbell_value
+from ivshmem_bus.core.regs import DOORBELL, IVPOSITION, Bar0, MmapWords, PreadWords, doorbell_value
 
 
 def test_doorbell_word_is_peer_shifted_16_or_vector():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.core import protocol as p
 
 COUNT = 100_000
 RSS_GROWTH_LIMIT_KIB = 16 * 1024  # the first run faults in code and buffers; not per message

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.demo import served_device
 from ivshmem_bus.errors import BusTimeout
-from ivshmem_bus.fake import fake_pair
 from ivshmem_bus.transport import (
     ACKNOWLEDGE,
     DRIVER,

@@ -15,9 +15,9 @@ import struct
 
 import pytest
 
+from ivshmem_bus.backends.vfio.device import open_device
+from ivshmem_bus.backends.vfio.kernel import Container, Group
 from ivshmem_bus.errors import DeviceNotFound, IvshmemBusError, PciError, VfioError
-from ivshmem_bus.vfio import Container, Group
-from ivshmem_bus.vfio_device import open_device
 
 from .fakesysfs import FakeSysfs
 
@@ -305,8 +305,8 @@ def test_on_this_machine_open_device_fails_clearly_and_leaks_nothing():
 
 def test_ivshmem_plain_opens_with_no_doorbells_and_the_bus_polls(tmp_path, sysfs):
     """QEMU's ivshmem-plain has no interrupt at all (found by the QEMU e2e run)."""
-    from ivshmem_bus import protocol
     from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.core import protocol
 
     kernel = FakeKernel(tmp_path, msix=0, intx=0)
     with opened(tmp_path, kernel) as dev:

@@ -1,15 +1,15 @@
-"""Build ``ivshmem_bus._helper``, the compiled single-access helper (cffi API mode).
+"""Build ``ivshmem_bus.native._helper``, the compiled single-access helper (cffi API mode).
 
-    python tools/build_helper.py        # build in place: ivshmem_bus/_helper*.so
+    python tools/build_helper.py        # build in place: ivshmem_bus/native/_helper*.so
 
 ``pip install .`` runs this through ``setup.py`` (``cffi_modules``); cffi *execs* the file
 rather than importing it, so it must stand alone: no import of ``ivshmem_bus`` (whose
 dependencies may not be installed at build time), paths from ``__file__`` only.
 
-The C declarations are data, read from ``ivshmem_bus/cdefs/`` (cryptography's
+The C declarations are data, read from ``ivshmem_bus/native/cdefs/`` (cryptography's
 ``build_padding.py`` pattern): ``vfio.h`` and ``helper.h`` are both the cdef and real C in the
 extension's source, so cffi checks our declarations against what the compiler sees, and the
-same ``vfio.h`` is the ABI-mode cdef that ``ivshmem_bus/_ffi.py`` parses when this extension
+same ``vfio.h`` is the ABI-mode cdef that ``ivshmem_bus/native/ffi.py`` parses when this extension
 is absent. ``IVB_HELPER_VERSION`` stamps the package version into the ``.so`` so that
 ``_ffi.py`` can refuse one left over from another version.
 """
@@ -26,8 +26,9 @@ import cffi
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "ivshmem_bus"
-CDEFS = PACKAGE / "cdefs"
-MODULE = "ivshmem_bus._helper"
+NATIVE = PACKAGE / "native"
+CDEFS = NATIVE / "cdefs"
+MODULE = "ivshmem_bus.native._helper"
 
 
 def package_version() -> str:
@@ -65,7 +66,7 @@ ffibuilder.set_source(
 
 
 def main() -> int:
-    """Compile in a scratch directory and copy the extension into ``ivshmem_bus/``.
+    """Compile in a scratch directory and copy the extension into ``ivshmem_bus/native/``.
 
     Earlier builds are removed first: ``pip install -e .`` names the file ``_helper.abi3.so``
     and this build ``_helper.cpython-3XX-....so``, and Python would import whichever of the two
@@ -73,9 +74,9 @@ def main() -> int:
     """
     with tempfile.TemporaryDirectory(prefix="ivb-helper-") as tmp:
         built = Path(ffibuilder.compile(tmpdir=tmp, verbose="-v" in sys.argv[1:]))
-        for old in PACKAGE.glob("_helper.*so"):
+        for old in NATIVE.glob("_helper.*so"):
             old.unlink()
-        target = PACKAGE / built.name
+        target = NATIVE / built.name
         shutil.copy2(built, target)
     print(f"built {target} (IVB_HELPER_VERSION {VERSION})")
     return 0

@@ -57,7 +57,7 @@ _instrument = (
     else contextlib.nullcontext()
 )
 with _instrument:
-    from ivshmem_bus import protocol as p
+    from ivshmem_bus.backends.fake import fake_pair
     from ivshmem_bus.bus import (
         DEVICE_QUEUE_OFFSET,
         DRIVER_QUEUE_OFFSET,
@@ -65,9 +65,9 @@ with _instrument:
         VirtioMsgBus,
         reset_queues_of,
     )
+    from ivshmem_bus.core import protocol as p
+    from ivshmem_bus.core.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
     from ivshmem_bus.errors import BusTimeout, ProtocolError, QueueCorrupt
-    from ivshmem_bus.fake import fake_pair
-    from ivshmem_bus.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
 
 CAP = queue_capacity(QUEUE_SIZE)
 QUEUES_END = DEVICE_QUEUE_OFFSET + QUEUE_SIZE

@@ -25,11 +25,11 @@ try:
 except ModuleNotFoundError:  # run from a source tree without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ivshmem_bus import protocol as p
-from ivshmem_bus.bench.report import cpu_model
+from bench.report import cpu_model
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.demo import served_device
-from ivshmem_bus.fake import fake_pair
 from ivshmem_bus.transport import RngDevice
 
 MODES = {"busy-poll": 1.0, "eventfd": 0.0}  # spin seconds on both sides

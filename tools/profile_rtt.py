@@ -24,9 +24,9 @@ try:
 except ModuleNotFoundError:  # run from a source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
-from ivshmem_bus.fake import fake_pair
+from ivshmem_bus.core import protocol as p
 from ivshmem_bus.transport import RngDevice
 
 

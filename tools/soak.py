@@ -39,9 +39,9 @@ try:
 except ModuleNotFoundError:  # run from a source tree without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import FakeDevice, fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
-from ivshmem_bus.fake import FakeDevice, fake_pair
+from ivshmem_bus.core import protocol as p
 
 __all__ = ["SideReport", "fd_count", "rss_kib", "run"]
 

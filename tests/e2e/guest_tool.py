@@ -180,7 +180,7 @@ def _function_record(fn) -> dict:
 
 
 def _step_list(args) -> dict:
-    from ivshmem_bus import pci
+    from ivshmem_bus.backends.vfio import pci
 
     fns = pci.list_ivshmem()
     out = {"devices": [_function_record(fn) for fn in fns]}
@@ -190,15 +190,15 @@ def _step_list(args) -> dict:
 
 
 def _step_bind(args) -> dict:
-    from ivshmem_bus import pci
-    from ivshmem_bus.device import open_device
+    from ivshmem_bus.backends import open_backend
+    from ivshmem_bus.backends.vfio import pci
 
     t0 = time.monotonic()
     binding = pci.bind(args.bdf, noiommu=args.noiommu)
     bind_s = time.monotonic() - t0
     after = pci.get_function(args.bdf)
     t0 = time.monotonic()
-    with open_device(args.bdf) as dev:
+    with open_backend(device=args.bdf) as dev:
         open_s = time.monotonic() - t0
         return {
             "binding": {
@@ -218,17 +218,17 @@ def _step_bind(args) -> dict:
 
 
 def _step_shm(args) -> dict:
-    from ivshmem_bus.device import open_device
+    from ivshmem_bus.backends import open_backend
 
-    with open_device(args.bdf) as dev:
+    with open_backend(device=args.bdf) as dev:
         return share_patterns(dev.shmem, args.token, args.me, args.others, args.timeout)
 
 
 def _step_doorbell(args) -> dict:
-    from ivshmem_bus.device import open_device
+    from ivshmem_bus.backends import open_backend
 
     sessions = []
-    with open_device(args.bdf) as dev:
+    with open_backend(device=args.bdf) as dev:
         for spec in args.session:
             label, peer, vmid, role = spec.split(":")
             session = doorbell_session(
@@ -240,9 +240,9 @@ def _step_doorbell(args) -> dict:
 
 
 def _step_roundtrips(args) -> dict:
-    from ivshmem_bus.device import open_device
+    from ivshmem_bus.backends import open_backend
 
-    with open_device(args.bdf) as dev:
+    with open_backend(device=args.bdf) as dev:
         return round_trips(dev, args.remote, args.count, args.timeout)
 
 

@@ -84,7 +84,7 @@ def host_peer(cluster: Cluster):
     """A host program on the same shared memory: a server client (doorbell modes, vmid 2),
     or in plain mode the memory-backend file itself (no doorbells, BAR2 only)."""
     if cluster.doorbells:
-        from ivshmem_bus.client import ServerClientDevice
+        from ivshmem_bus.backends.server_client import ServerClientDevice
 
         with ServerClientDevice(cluster.socket_path, vectors=cluster.vectors) as dev:
             yield dev
@@ -123,7 +123,7 @@ def spawned(guest: Guest, command: str, ready: str, timeout: float = 60.0):
 
 
 def test_guests_run_the_project(cluster: Cluster, timing):
-    check = f'{CLI} --version && "$PY" -c "import ivshmem_bus.pci, ivshmem_bus.bus"'
+    check = f'{CLI} --version && "$PY" -c "import ivshmem_bus.backends.vfio.pci, ivshmem_bus.bus"'
     results = cluster.run_all(dict.fromkeys(cluster.guests, check), 120)
     for res in results.values():
         assert res.check().stdout.startswith("ivshmem-bus ")

@@ -27,9 +27,9 @@ import os
 import socket
 from collections.abc import Sequence
 
-from .device import IvshmemDevice, unmap
-from .errors import ServerClientError
-from .regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+from ..errors import ServerClientError
+from .base import IvshmemDevice, unmap
 
 __all__ = ["ServerClientDevice"]
 

@@ -7,15 +7,15 @@ import json
 import os
 import sys
 
-from .errors import IvshmemBusError
+from ..errors import IvshmemBusError
 
 
 def _read_vmid(fn, args: argparse.Namespace) -> tuple[int | None, str | None]:
     """(VMID, None) or (None, why it cannot be read), the way the device allows."""
-    from . import pci
+    from ..backends.vfio import pci
 
     if fn.driver == pci.VFIO_PCI:
-        from .vfio_device import open_device
+        from ..backends.vfio.device import open_device
 
         try:
             with open_device(fn.bdf, sysfs=args.sysfs, dev=args.dev) as dev:
@@ -39,7 +39,7 @@ def _group_label(fn, dev_root: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import pci
+    from ..backends.vfio import pci
 
     rows = []
     for fn in pci.list_ivshmem(args.sysfs):
@@ -87,7 +87,7 @@ def _size(n: int) -> str:
 
 
 def cmd_vmid(args: argparse.Namespace) -> int:
-    from . import pci
+    from ..backends.vfio import pci
 
     if args.bdf:
         fn = pci.get_function(args.bdf, args.sysfs)
@@ -113,7 +113,7 @@ def cmd_vmid(args: argparse.Namespace) -> int:
 
 
 def cmd_bind(args: argparse.Namespace) -> int:
-    from . import pci
+    from ..backends.vfio import pci
 
     if args.noiommu:
         print(
@@ -130,7 +130,7 @@ def cmd_bind(args: argparse.Namespace) -> int:
 
 
 def cmd_unbind(args: argparse.Namespace) -> int:
-    from . import pci
+    from ..backends.vfio import pci
 
     now = pci.unbind(args.bdf, root=args.sysfs)
     print(f"{pci.normalize_bdf(args.bdf)} released from vfio-pci; now on {now or 'no driver'}")

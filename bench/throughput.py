@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ivshmem_bus import _ffi
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import DRIVER_QUEUE_OFFSET, QUEUE_SIZE, VirtioMsgBus, reset_queues_of
-from ivshmem_bus.fake import fake_pair
-from ivshmem_bus.queue import SLOT_SIZE, SpscQueue, queue_capacity
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SLOT_SIZE, SpscQueue, queue_capacity
+from ivshmem_bus.native import ffi as _ffi
 
 from .harness import (
     CHILD_TIMEOUT,

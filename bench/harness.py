@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ivshmem_bus._ffi import queue_blocks
-from ivshmem_bus.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, SpscQueue
+from ivshmem_bus.core.queue import QUEUE_HEADER_SIZE, SLOT_SIZE, SpscQueue
+from ivshmem_bus.native.ffi import queue_blocks
 
 PROFILE = "qemu-v0"
 SMALL_REGION = 4096  # the bus's queue: 62 slots

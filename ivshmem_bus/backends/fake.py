@@ -16,8 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .device import IvshmemDevice, unmap
-from .regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+from .base import IvshmemDevice, unmap
 
 __all__ = ["FakeDevice", "fake_pair"]
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _ffi
-from ._ffi import ffi, lib
-from .errors import VfioError
+from ...errors import VfioError
+from ...native import ffi as _ffi
+from ...native.ffi import ffi, lib
 
 __all__ = ["Container", "Device", "Group", "IrqInfo", "RegionInfo"]
 

@@ -1,7 +1,7 @@
 """Throughput and latency of ivshmem_bus against a C reference measured in the same run.
 
     ivshmem-bus bench [--quick] [--json OUT] [--runs N] [--only CASE,...]
-    python tools/bench.py ...    (the same, from a source tree)
+    python -m bench ...          (the same, from a source checkout)
 
 Every case runs in two processes (the second forked with multiprocessing's "fork" context),
 over the fake ivshmem device (``fake_pair``) or, for the raw-queue cases, a shared file on

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DeviceNotFound, PciError
+from ...errors import DeviceNotFound, PciError
 
 __all__ = [
     "IVSHMEM_DEVICE",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["C_SOURCE", "build_reference", "default_cache_dir"]
 
-C_SOURCE = r"""/* bench_ref.c: the C reference of ivshmem_bus.bench, which builds it. */
+C_SOURCE = r"""/* bench_ref.c: the C reference of bench, which builds it. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <signal.h>
@@ -33,7 +33,7 @@ C_SOURCE = r"""/* bench_ref.c: the C reference of ivshmem_bus.bench, which build
 #include <time.h>
 #include <unistd.h>
 
-/* The queue layout of ivshmem_bus.queue / QEMU's spsc_queue.h. */
+/* The queue layout of ivshmem_bus.core.queue / QEMU's spsc_queue.h. */
 #define HEADER 128u
 #define SLOT 64u
 #define HEAD_OFF 0x00u
@@ -327,10 +327,10 @@ int main(int argc, char **argv) {
 
 def default_cache_dir() -> Path:
     """``.cache/bench`` of the source tree when the package is imported from one (an editable
-    install or ``python tools/bench.py``: the package's parent holds pyproject.toml), else
+    install or ``python -m bench``: the benchmark's parent holds pyproject.toml), else
     ``$XDG_CACHE_HOME/ivshmem-bus/bench``: an installed package's directory is no place to
     build in, and often not writable."""
-    root = Path(__file__).resolve().parents[2]  # ivshmem_bus/bench/_cref.py -> the tree
+    root = Path(__file__).resolve().parents[1]  # bench/_cref.py -> the tree
     if (root / "pyproject.toml").is_file() and os.access(root, os.W_OK):
         return root / ".cache" / "bench"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -1,6 +1,6 @@
 """The one door to C: the VFIO declarations, ioctl with its errno funnel, MMIO words, fences.
 
-The only module that imports the compiled helper ``ivshmem_bus._helper`` (cryptography's
+The only module that imports the compiled helper ``ivshmem_bus.native._helper`` (cryptography's
 ``binding.py`` role). Everything else uses the names here and never cares which path runs:
 
 ========================  ==========================================  ===========================
@@ -39,8 +39,8 @@ from typing import Any
 
 import cffi
 
-from . import __version__
-from .errors import VfioError
+from .. import __version__
+from ..errors import VfioError
 
 __all__ = [
     "HAVE_COMPILED",
@@ -83,7 +83,7 @@ def _import_helper() -> Any:
         if exc.name != f"{__package__}._helper":
             raise
         raise ImportError(
-            "ivshmem_bus._helper is not built (no C compiler at install time?): install gcc "
+            "ivshmem_bus.native._helper is not built (no C compiler at install time?): install gcc "
             "and reinstall ivshmem-bus to build it"
         ) from None
 

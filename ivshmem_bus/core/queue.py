@@ -36,7 +36,7 @@ consumer loads head (load-acquire), copies the slot out, then publishes tail (st
 On x86-64 (TSO) plain loads and stores already have these semantics, and CPython performs the
 slot copy and the index store in separate C calls the compiler cannot merge or reorder. On
 weakly ordered CPUs (aarch64) a fence is needed: pass ``fence=`` (the compiled helper's full
-barrier, see ``ivshmem_bus._ffi``); without one the queue logs a warning once.
+barrier, see ``ivshmem_bus.native.ffi``); without one the queue logs a warning once.
 
 Bytes written: ``put`` writes exactly ``len(data)`` bytes of the slot, like QEMU's memcpy of
 the message (44 or 48 bytes); the rest of the slot keeps whatever it held. ``put_block``
@@ -47,7 +47,7 @@ Block copies
 ``put_block`` / ``get_block`` move consecutive 64-byte slots between a private buffer and the
 ring with at most two copies (one at the wrap) and one index publish, for callers that batch
 (a benchmark, a bulk transfer). Pure Python they cost about a microsecond per call, whatever
-the block size. The compiled helper does the same in C (``ivshmem_bus._ffi.QueueBlocks``):
+the block size. The compiled helper does the same in C (``ivshmem_bus.native.ffi.QueueBlocks``):
 pass ``blocks=`` (the device's ``queue_blocks``, or ``_ffi.queue_blocks()``) and the block
 calls go through it, with the same checks of the peer's index, done in C. The queue itself
 imports nothing compiled: it is handed the accelerator, as it is handed the fence.
@@ -81,7 +81,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
-from .errors import QueueCorrupt
+from ..errors import QueueCorrupt
 
 __all__ = [
     "HEAD_OFFSET",
@@ -118,7 +118,7 @@ _INT64_MIN = -(1 << 63)
 
 
 class BlockCopier(Protocol):
-    """Compiled ``put_block``/``get_block`` for one region (``ivshmem_bus._ffi.QueueBlocks``).
+    """Compiled ``put_block``/``get_block`` for one region (``ivshmem_bus.native.ffi.QueueBlocks``).
 
     ``put``/``get`` take the caller's own index, its cached peer index, the buffer and a slot
     count; they return ``(peer_index << 32) | copied``, ``-1 - index`` for a corrupt peer

@@ -18,7 +18,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from ivshmem_bus.queue import queue_capacity
+from ivshmem_bus.core.queue import queue_capacity
 
 from .harness import BUSY_WARN, LARGE_REGION, PROFILE, SMALL_REGION
 from .report import _si, _us, c_floor_note

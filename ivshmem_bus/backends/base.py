@@ -22,10 +22,10 @@ import select
 import time
 from collections.abc import Callable, Sequence
 
-from .queue import BlockCopier
-from .regs import Bar0, doorbell_value
+from ..core.queue import BlockCopier
+from ..core.regs import Bar0, doorbell_value
 
-__all__ = ["IvshmemDevice", "open_device", "unmap"]
+__all__ = ["IvshmemDevice", "unmap"]
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,14 @@ class IvshmemDevice(abc.ABC):
         Shared memory is coherent between the two sides; only the CPU's ordering matters,
         so every backend gives the same answer, from the compiled helper when present.
         """
-        from ._ffi import queue_fence
+        from ..native.ffi import queue_fence
 
         return queue_fence()
 
     @property
     def full_fence(self) -> Callable[[], None] | None:
         """A StoreLoad barrier for doorbell coalescing (None without the compiled helper)."""
-        from ._ffi import full_fence
+        from ..native.ffi import full_fence
 
         return full_fence()
 
@@ -145,7 +145,7 @@ class IvshmemDevice(abc.ABC):
     def queue_blocks(self) -> Callable[[memoryview, int], BlockCopier] | None:
         """The ``SpscQueue(blocks=)`` factory for this device's queues: the compiled block
         copies when the helper is built, else None (the queue's pure-Python copies)."""
-        from ._ffi import queue_blocks
+        from ..native.ffi import queue_blocks
 
         return queue_blocks()
 
@@ -209,13 +209,3 @@ def _read_eventfd(fd: int) -> int:
         return int.from_bytes(os.read(fd, 8), "little")
     except BlockingIOError:
         return 0
-
-
-def open_device(bdf: str, **kwargs) -> IvshmemDevice:
-    """Open the VFIO-bound ivshmem function ``bdf`` (see ``vfio_device.open_device``).
-
-    Imported lazily: the core and the fake backend never load the VFIO edge.
-    """
-    from .vfio_device import open_device as _open_vfio
-
-    return _open_vfio(bdf, **kwargs)

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ivshmem_bus import _ffi
-from ivshmem_bus import protocol as p
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import (
     DEVICE_QUEUE_OFFSET,
     DRIVER_QUEUE_OFFSET,
@@ -25,9 +24,10 @@ from ivshmem_bus.bus import (
     VirtioMsgBus,
     reset_queues_of,
 )
+from ivshmem_bus.core import protocol as p
+from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.demo import served_device
-from ivshmem_bus.fake import fake_pair
-from ivshmem_bus.queue import SpscQueue
+from ivshmem_bus.native import ffi as _ffi
 from ivshmem_bus.transport import RngDevice
 
 from .harness import (

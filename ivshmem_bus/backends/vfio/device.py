@@ -26,12 +26,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _ffi, pci
-from ._ffi import lib
-from .device import IvshmemDevice
-from .errors import PciError, VfioError
-from .regs import Bar0, MmapWords, PreadWords
-from .vfio import Container, Device, Group
+from ...core.regs import Bar0, MmapWords, PreadWords
+from ...errors import PciError, VfioError
+from ...native import ffi as _ffi
+from ...native.ffi import lib
+from ..base import IvshmemDevice
+from . import pci
+from .kernel import Container, Device, Group
 
 __all__ = ["VfioIvshmemDevice", "open_device"]
 

@@ -24,8 +24,9 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from ..errors import ProtocolError
 from . import messages as m
-from ._layouts import (
+from .layouts import (
     _BY_CLASS,
     _BY_WIRE,
     _HEADER,
@@ -37,7 +38,6 @@ from ._layouts import (
     _Tail,
     _tail_len,
 )
-from .errors import ProtocolError
 from .messages import *  # noqa: F403  (re-exported: protocol.GetFeatures etc.)
 from .messages import Message, UnknownMessage
 

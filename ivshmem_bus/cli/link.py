@@ -16,12 +16,12 @@ import sys
 import threading
 import time
 
-from . import protocol
-from .errors import BusTimeout
+from ..core import protocol
+from ..errors import BusTimeout
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo, summarize
+    from ..demo import run_demo, summarize
 
     result = run_demo(args.profile, args.round_trips)
     d = result.description
@@ -42,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from .transport import feature_names, status_names
+    from ..transport import feature_names, status_names
 
     print(
         f"fake ivshmem pair (no hardware): driver vmid {result.driver_vmid} <-> "
@@ -83,7 +83,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _backend(args: argparse.Namespace):
-    from .backends import open_backend
+    from ..backends import open_backend
 
     _default_to_fake(args)
     return open_backend(
@@ -95,8 +95,8 @@ def _default_to_fake(args: argparse.Namespace) -> None:
     """No backend named: the fake device where no ivshmem hardware is present (said so)."""
     if args.server or getattr(args, "device", None) or args.fake:
         return
-    from . import pci
-    from .backends import default_fake_dir
+    from ..backends.fabric import default_fake_dir
+    from ..backends.vfio import pci
 
     found = pci.list_ivshmem(args.sysfs)
     if found:
@@ -113,7 +113,7 @@ def _default_to_fake(args: argparse.Namespace) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from .server import IvshmemServer
+    from ..server import IvshmemServer
 
     logging.getLogger("ivshmem_bus.server").setLevel(logging.INFO)
     stop = _stop_on_signals()
@@ -142,9 +142,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .backends import follow_single_peer, resolve_remote_vmid
-    from .bus import VirtioMsgBus, reset_queues_of
-    from .transport import RngDevice, status_names
+    from ..backends.peers import follow_single_peer, resolve_remote_vmid
+    from ..bus import VirtioMsgBus, reset_queues_of
+    from ..transport import RngDevice, status_names
 
     stop = _stop_on_signals()
     with _backend(args) as dev:
@@ -179,9 +179,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .backends import resolve_remote_vmid
-    from .bus import VirtioMsgBus
-    from .transport import VirtioMsgDriver
+    from ..backends.peers import resolve_remote_vmid
+    from ..bus import VirtioMsgBus
+    from ..transport import VirtioMsgDriver
 
     with _backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
@@ -196,8 +196,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    from .backends import resolve_remote_vmid
-    from .bus import VirtioMsgBus
+    from ..backends.peers import resolve_remote_vmid
+    from ..bus import VirtioMsgBus
 
     stop = _stop_on_signals()
     times: list[float] = []
@@ -236,15 +236,15 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from .monitor import LinkTap, PcapWriter
+    from ..monitor import LinkTap, PcapWriter
 
     stop = _stop_on_signals()
     fd = -1
     if args.shm:
         fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
     else:
-        from .backends import fake_socket
-        from .client import fetch_shared_memory
+        from ..backends.fabric import fake_socket
+        from ..backends.server_client import fetch_shared_memory
 
         if not args.server:
             _default_to_fake(args)

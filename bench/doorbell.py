@@ -17,9 +17,9 @@ import struct
 import time
 from typing import Any
 
-from ivshmem_bus import _ffi
+from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
-from ivshmem_bus.fake import fake_pair
+from ivshmem_bus.native import ffi as _ffi
 
 from .harness import (
     CHILD_TIMEOUT,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ivshmem_bus
-from ivshmem_bus.queue import queue_capacity
+from ivshmem_bus.core.queue import queue_capacity
 
 from ._cref import _cc_version, _compiler
 from .harness import LARGE_REGION, RSS_SLACK_KIB, SMALL_REGION, _half
@@ -42,7 +42,7 @@ def cpu_model() -> str:
 
 
 def machine_info(cc_note: str) -> dict[str, Any]:
-    from ivshmem_bus import _ffi
+    from ivshmem_bus.native import ffi as _ffi
 
     try:
         commit = subprocess.run(
