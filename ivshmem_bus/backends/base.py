@@ -21,6 +21,7 @@ import os
 import select
 import time
 from collections.abc import Callable, Sequence
+from typing import final
 
 from ..core.queue import BlockCopier
 from ..core.regs import Bar0, doorbell_value
@@ -54,26 +55,42 @@ class IvshmemDevice(abc.ABC):
     def vector_fds(self) -> Sequence[int]:
         """One non-blocking eventfd per vector, index = vector, for selectors/epoll/asyncio."""
 
+    @final
     def wait(self, timeout: float | None) -> set[int]:
         """Wait until a doorbell arrives on any vector, or ``timeout`` seconds pass.
+
+        The one wait of every backend: backends never override it, they supply the two hooks
+        (``_before_wait``, ``_after_doorbells``), so ``wait``, ``async_wait`` and ``drain``
+        behave alike on each of them.
 
         Returns:
             The vectors that fired (empty on timeout). Their counters are drained.
         """
-        fds = self.vector_fds()
+        self._before_wait()
         fired = self.drain()
         if fired or timeout == 0:
             return fired
+        fds = self.vector_fds()
         if not fds:  # ivshmem-plain: nothing can ring us; the caller polls its queue
             if timeout is None:
                 raise ValueError(f"{self.name} has no doorbell vectors: wait() needs a timeout")
             time.sleep(timeout)
             return fired
         ready = self._poller().poll(-1 if timeout is None else timeout)
-        for fd, _events in ready:
-            if _read_eventfd(fd):
-                fired.add(fds.index(fd))
+        fired = {fds.index(fd) for fd, _events in ready if _read_eventfd(fd)}
+        if fired:
+            self._after_doorbells(fired)
         return fired
+
+    def _before_wait(self) -> None:
+        """Hook: run before every wait (the server client reads the server's announcements
+        here, so a peer that joined meanwhile can be rung)."""
+        return None
+
+    def _after_doorbells(self, fired: set[int]) -> None:
+        """Hook: run whenever doorbells were taken, by ``wait``, ``async_wait`` or ``drain``
+        (VFIO INTx clears IntrStatus and unmasks here: INTx is automasked after each
+        interrupt, and a path that forgot it would never be woken again)."""
 
     def _poller(self) -> select.epoll:
         """One epoll over the vector fds, kept for the device's life (a new selector per
@@ -94,8 +111,10 @@ class IvshmemDevice(abc.ABC):
             self._epoll = None
             poller.close()
 
+    @final
     async def async_wait(self, timeout: float | None) -> set[int]:
         """``wait`` for asyncio: ``loop.add_reader`` on the same eventfds, never blocking."""
+        self._before_wait()
         fired = self.drain()
         if fired or timeout == 0:
             return fired
@@ -149,9 +168,13 @@ class IvshmemDevice(abc.ABC):
 
         return queue_blocks()
 
+    @final
     def drain(self) -> set[int]:
         """Read every vector's eventfd without blocking; the vectors that had fired."""
-        return {v for v, fd in enumerate(self.vector_fds()) if _read_eventfd(fd)}
+        fired = {v for v, fd in enumerate(self.vector_fds()) if _read_eventfd(fd)}
+        if fired:
+            self._after_doorbells(fired)
+        return fired
 
     def peers(self) -> set[int] | None:
         """The other peers' ids when the backend knows them (server client), else None."""

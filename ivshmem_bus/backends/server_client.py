@@ -192,9 +192,8 @@ class ServerClientDevice(IvshmemDevice):
     def vector_fds(self) -> Sequence[int]:
         return self._own
 
-    def wait(self, timeout: float | None) -> set[int]:
+    def _before_wait(self) -> None:
         self.update()
-        return super().wait(timeout)
 
     def peers(self) -> set[int]:
         self.update()

@@ -106,13 +106,11 @@ class VfioIvshmemDevice(IvshmemDevice):
     def vector_fds(self) -> Sequence[int]:
         return self._eventfds
 
-    def wait(self, timeout: float | None) -> set[int]:
-        fired = super().wait(timeout)
-        if fired and self._intx:
+    def _after_doorbells(self, fired: set[int]) -> None:
+        if self._intx:
             self.regs.read_intr_status()  # read-to-clear lowers INTx
             if self._device is not None:
                 self._device.unmask()  # INTx is automasked after each interrupt
-        return fired
 
     def close(self) -> None:
         """IRQs off, eventfds, munmap, device fd, group, container. Idempotent."""
