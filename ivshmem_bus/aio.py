@@ -47,21 +47,16 @@ class AsyncVirtioMsgBus:
         """Send a request and await its response (see ``VirtioMsgBus.request``).
 
         Raises:
-            BusTimeout: no response within ``timeout``.
+            BusTimeout: no response within ``timeout`` (the peer was ringed again halfway,
+                as by the sync bus).
         """
         bus = self.bus
-        bus.check_open()
-        msg = bus.prepare_request(msg)
-        deadline = time.monotonic() + timeout
-        bus.send(msg, timeout)
+        msg, clock = bus.start_request(msg, timeout)
         while True:
-            found = bus.match_response(msg, deadline)
+            found = bus.step_request(msg, clock)
             if found is not None:
                 return found
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise bus.timed_out(msg, timeout)
-            await self._doorbell(min(remaining, bus.poll_interval))
+            await self._doorbell(max(0.0, min(clock.wake_at - time.monotonic(), bus.poll_interval)))
 
     async def __aenter__(self) -> AsyncVirtioMsgBus:
         return self

@@ -99,6 +99,20 @@ def reset_queues_of(device: IvshmemDevice) -> None:
     device.shmem[:need] = bytes(need)  # no peer yet: a torn index cannot be seen
 
 
+@dataclasses.dataclass
+class RequestClock:
+    """The times of one outstanding request (monotonic seconds)."""
+
+    timeout: float
+    deadline: float
+    rering_at: float
+
+    @property
+    def wake_at(self) -> float:
+        """When a sleeping requester must look again at the latest."""
+        return min(self.deadline, self.rering_at)
+
+
 class VirtioMsgBus:
     """One end of a virtio-msg link over an ivshmem device.
 
@@ -356,24 +370,42 @@ class VirtioMsgBus:
             BusTimeout: no response within ``timeout`` (the peer was ringed again halfway).
             ValueError: ``msg`` gets no response in this profile.
         """
+        msg, clock = self.start_request(msg, timeout)
+        spin_until = time.monotonic() + self.spin
+        while True:
+            found = self.step_request(msg, clock)
+            if found is not None:
+                return found
+            self._wait(clock.wake_at, spin_until)
+
+    def start_request(self, msg: Message, timeout: float) -> tuple[Message, RequestClock]:
+        """Send ``msg`` (with its token, in spec-v1) and start its clock. The sync and asyncio
+        faces both drive a request with ``step_request`` between their own kinds of sleep."""
         self.check_open()
         msg = self.prepare_request(msg)
         start = time.monotonic()
-        deadline = start + timeout
-        rering_at = start + timeout / 2
+        clock = RequestClock(timeout, start + timeout, start + timeout / 2)
         self.send(msg, timeout)
-        spin_until = time.monotonic() + self.spin
-        while True:
-            found = self.match_response(msg, deadline)
-            if found is not None:
-                return found
-            now = time.monotonic()
-            if now >= deadline:
-                raise self.timed_out(msg, timeout)
-            if now >= rering_at:  # the first doorbell may have been lost
-                rering_at = deadline
-                self._ring()
-            self._wait(min(deadline, rering_at), spin_until)
+        return msg, clock
+
+    def step_request(self, msg: Message, clock: RequestClock) -> Message | None:
+        """One look for ``msg``'s response: the response, or None to sleep until
+        ``clock.wake_at``. Rings the peer again halfway (the first doorbell may have been lost:
+        a receiver that enabled its vectors after we rang never saw it).
+
+        Raises:
+            BusTimeout: the deadline passed.
+        """
+        found = self.match_response(msg, clock.deadline)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        if now >= clock.deadline:
+            raise self.timed_out(msg, clock.timeout)
+        if now >= clock.rering_at:
+            clock.rering_at = clock.deadline
+            self._ring()
+        return None
 
     def serve(
         self, handler: Handler, *, stop: Callable[[], bool] | None = None, timeout: float = 1.0
