@@ -91,6 +91,7 @@ class IvshmemDevice(abc.ABC):
         """Hook: run whenever doorbells were taken, by ``wait``, ``async_wait`` or ``drain``
         (VFIO INTx clears IntrStatus and unmasks here: INTx is automasked after each
         interrupt, and a path that forgot it would never be woken again)."""
+        del fired
 
     def _poller(self) -> select.epoll:
         """One epoll over the vector fds, kept for the device's life (a new selector per
