@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-BAR2 holds two SPSC queues (wire-format spec section 3): the driver queue at 0x0000 carries
+BAR2 holds two SPSC queues (docs/wire-format.md §3): the driver queue at 0x0000 carries
 driver -> device messages, the device queue at 0x1000 device -> driver. The driver role
 produces on the first and consumes the second; the device role the reverse. The side that
 starts first may pass ``reset_queues=True`` to zero both (8 KiB) before the other attaches.

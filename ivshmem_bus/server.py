@@ -1,6 +1,6 @@
 """An ivshmem server: QEMU's ivshmem-doorbell protocol over a UNIX stream socket.
 
-Theory of operation (wire-format spec §2; QEMU ``contrib/ivshmem-server``). Each message
+Theory of operation (docs/wire-format.md §2; QEMU ``contrib/ivshmem-server``). Each message
 from server to client is one little-endian int64, optionally with one fd (SCM_RIGHTS). A new
 client gets: version 0; its own id; -1 with the shared-memory fd; each connected peer's id
 once per vector with that peer's eventfd; its own id once per vector with its own eventfds.
@@ -44,7 +44,7 @@ log = logging.getLogger("ivshmem_bus.server")
 
 PROTOCOL_VERSION = 0  # the first message of every connection (QEMU IVSHMEM_PROTOCOL_VERSION)
 MAX_VECTORS = 64  # QEMU's IVSHMEM_SERVER_MAX_VECTORS
-ID_LIMIT = 1 << 16  # ids travel in Doorbell bits 31..16 (spec §1), so 0..65535
+ID_LIMIT = 1 << 16  # ids travel in Doorbell bits 31..16 (docs/wire-format.md §1.1), so 0..65535
 _BACKLOG = 10  # QEMU's IVSHMEM_SERVER_LISTEN_BACKLOG
 _POLL_SECONDS = 0.1  # how often serve_forever looks at a caller's stop_event
 _INT64 = struct.Struct("<q")

@@ -5,14 +5,14 @@ GET_FEATURES, then GET_VQUEUE 0, 1, ... until max_size is 0) gives a ``DeviceDes
 the status/feature/config calls are one request each.
 
 Device side (``VirtioMsgDevice``): answers every request the way QEMU's virtio-msg.c device
-side does (wire-format spec section 4): vendor "QEMU", 64 feature bits, GET_VQUEUE max_size
+side does (docs/wire-format.md §4): vendor "QEMU", 64 feature bits, GET_VQUEUE max_size
 1024 for an existing queue and 0 past the last, config sizes 0/1/2/4 (and 8, which the
 qemu-v0 data field also carries), FEATURES_OK refused when the driver asked for features
 the device does not offer, no reply to RESET_VQUEUE in qemu-v0. ``RngDevice`` (virtio id 4)
 is the small concrete device the tests and the README demo use.
 
 The data path is out of scope here: a device reaches the driver's virtqueues through a
-second ivshmem window onto the driver's RAM (spec section 6), which this module does not map.
+second ivshmem window onto the driver's RAM (docs/virtqueues.md §4), which this module does not map.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def test_constant_matches_kernel(kernel: dict[str, int], name: str) -> None:
     assert getattr(lib, name) == kernel[f"const {name}"]
 
 
-# Compiler-free checks: the numbers vfio-notes.md states ---------------------------------
+# Compiler-free checks: the numbers docs/vfio.md §2 states ---------------------------------
 
 IOCTLS = [
     "VFIO_GET_API_VERSION",

@@ -1,4 +1,4 @@
-"""The ivshmem-server client backend against a scripted server speaking spec section 2."""
+"""The ivshmem-server client backend against a scripted server speaking docs/wire-format.md §2."""
 
 from __future__ import annotations
 

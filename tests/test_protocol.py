@@ -3,7 +3,8 @@
 Fuzz invariant (h11's afl-server rule, for this codec): for ANY input bytes, ``decode``
 returns a message or raises ``ProtocolError``; nothing else, and it never reads past the
 buffer or past msg_size. Golden vectors in tests/data were written from the spec tables
-(wire-format.md sections 4 and 5 and the virtio-msg draft), not produced by this code.
+(the contract's sections 4 and 5, docs/wire-format.md §4.2, §5.2-§5.3, and the virtio-msg
+draft), not produced by this code.
 """
 
 from __future__ import annotations

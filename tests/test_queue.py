@@ -4,8 +4,8 @@ Fuzz invariant: whatever the peer writes into the region (any head, any tail, an
 bytes), the queue raises ``QueueCorrupt`` or behaves like a bounded FIFO; it never touches
 a byte outside its region (guard bytes around it stay intact).
 
-Expected bytes come from the spec's layout table (section 3): head u32 LE at 0x00, tail u32
-LE at 0x40, slot i at 0x80 + 64*i, capacity (len - 128) // 64.
+Expected bytes come from the spec's layout table (docs/wire-format.md §3.1): head u32 LE at
+0x00, tail u32 LE at 0x40, slot i at 0x80 + 64*i, capacity (len - 128) // 64.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Every test runs against both implementations (``impl`` fixture): the queue's own slice
 copies, and ``_ffi.QueueBlocks`` (C, ``cdefs/helper.c``). Expected bytes come from the spec's
-layout table (section 3): head u32 LE at 0x00, tail u32 LE at 0x40, slot i at 0x80 + 64*i.
+layout table (docs/wire-format.md §3.1): head u32 LE at 0x00, tail u32 LE at 0x40, slot i
+at 0x80 + 64*i.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 -- Each record: a 4-byte pseudo-header written by ivshmem_bus.monitor.PcapWriter
 --   u8 direction (0 driver->device, 1 device->driver), u8 profile (0 qemu-v0, 1 spec-v1),
 --   u16 reserved
--- then one virtio-msg message up to its msg_size (wire-format spec sections 4 and 5):
+-- then one virtio-msg message up to its msg_size (docs/wire-format.md §4.1, §5.1):
 --   qemu-v0: type u8, msg_id u8, dev_num u16, msg_size u16, payload (little-endian)
 --   spec-v1: type u8, msg_id u8, dev_num u16, token u16, msg_size u16, payload
 --

@@ -5,7 +5,7 @@ ivshmem server), is: registers (``regs``: IVPosition is the VMID), shared memory
 BAR2), doorbells out (``ring``) and doorbells in (one eventfd per vector, ``wait``). The bus
 knows only this class; backends fill in ``_ring`` and the fds.
 
-Facts the interface is built on (vfio-notes.md):
+Facts the interface is built on (docs/vfio.md §6, §8; docs/wire-format.md §3.7):
 - eventfd counters coalesce: one readable eventfd can stand for several doorbells, so
   ``wait`` drains every counter it reports;
 - a doorbell rung before the receiver enabled its vectors is lost: callers must not rely on a

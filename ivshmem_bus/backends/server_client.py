@@ -4,7 +4,7 @@ So a host program can join a fabric of QEMU guests (or of other host programs) t
 same server: it gets the shared memory, one eventfd per vector for itself, and the eventfds
 of every other peer to ring them.
 
-The server protocol (wire-format spec section 2): every message is one little-endian int64,
+The server protocol (docs/wire-format.md §2): every message is one little-endian int64,
 optionally with one fd (SCM_RIGHTS). On connect: the version (0), our own id, -1 with the
 shared-memory fd, then ``id`` + eventfd once per vector for every peer already there, then
 our own id + eventfd once per vector. Later: a new peer's id + eventfd per vector; a peer's

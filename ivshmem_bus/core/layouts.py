@@ -1,4 +1,4 @@
-"""The virtio-msg wire layouts of both profiles, as data (the tables of the wire-format spec).
+"""The virtio-msg wire layouts of both profiles, as data (docs/wire-format.md §4.2, §5.2, §5.3).
 
 ``protocol`` is the code that reads them: ``_BY_WIRE[profile][(type, msg_id)]`` and
 ``_BY_CLASS[profile][cls]`` give a ``_Layout`` (a ``struct`` format at payload offset 0, the

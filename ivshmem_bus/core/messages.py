@@ -62,7 +62,7 @@ __all__ = [
     "UnknownMessage",
 ]
 
-# Header type bits (wire-format spec sections 4 and 5).
+# Header type bits (docs/wire-format.md §4.1, §5.1).
 TYPE_RESPONSE = 0x01
 TYPE_BUS = 0x02
 

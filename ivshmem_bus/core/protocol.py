@@ -1,11 +1,11 @@
-"""virtio-msg encode/decode, sans-I/O, for the two profiles of the wire-format spec.
+"""virtio-msg encode/decode, sans-I/O, for the two profiles of docs/wire-format.md.
 
-``"qemu-v0"`` (section 4, the default): what QEMU's virtio-msg-bus-ivshmem speaks. Header of
-6 bytes (type u8, msg_id u8, dev_num u16, msg_size u16), 38-byte payload, every message 44
-bytes. One request outstanding; a response is matched by msg_id.
+``"qemu-v0"`` (docs/wire-format.md §4, the default): what QEMU's virtio-msg-bus-ivshmem
+speaks. Header of 6 bytes (type u8, msg_id u8, dev_num u16, msg_size u16), 38-byte payload,
+every message 44 bytes. One request outstanding; a response is matched by msg_id.
 
-``"spec-v1"`` (section 5): the draft virtio-msg transport. Header of 8 bytes (type, msg_id,
-dev_num, token u16, msg_size), 40-byte payload, 48-byte messages, matched by token.
+``"spec-v1"`` (docs/wire-format.md §5): the draft virtio-msg transport. Header of 8 bytes
+(type, msg_id, dev_num, token u16, msg_size), 40-byte payload, 48-byte messages, matched by token.
 
 The codec is data: ``_layouts._BY_WIRE[profile][(type, msg_id)]`` says which class a wire type
 is and how its payload is laid out (a ``struct`` format at payload offset 0 plus, for a few

@@ -3,7 +3,7 @@
 Sans-I/O: a queue sees a writable buffer (a memoryview of an mmap'd BAR2, a bytearray in a
 test) and nothing else. No mmap, no fds, no doorbells: ringing the peer is the bus's job.
 
-Layout (wire-format spec section 3, identical to QEMU's ``spsc_queue.h``)::
+Layout (docs/wire-format.md §3.1, identical to QEMU's ``spsc_queue.h``)::
 
     0x00        u32 head   next slot the producer writes (a slot number, not free-running)
     0x04..0x3f  padding    (head has a 64-byte line of its own)
@@ -28,7 +28,7 @@ re-reads it only when the cache says full (producer) or empty (consumer).
 
 Rule 3: every index load and store is ONE aligned 32-bit access, through a
 ``memoryview.cast("I")`` view. ``struct.pack_into``, slice assignment and cffi ABI-mode stores
-issue two stores (measured with watchpoints: ../shared/spec/vfio-notes.md); a consumer that
+issue two stores (measured with watchpoints: docs/vfio.md §5); a consumer that
 saw half a store would read a torn index.
 
 Rule 4: ordering. The producer copies the slot, then publishes head (store-release); the
@@ -613,7 +613,7 @@ class SpscQueue:
     def reset(self) -> None:
         """Empty the queue: zero both indexes (one store each), then the rest of the
         region (the header's padding, the polling flag with it, and every slot), as the
-        spec's "all zeroed".
+        "all zeroed" of docs/wire-format.md §3.6.
 
         Only the side that owns reset calls this, before the peer uses the queue (the
         "reset-queues" option): a reset under a live peer loses what was in flight.

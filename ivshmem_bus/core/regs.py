@@ -1,6 +1,6 @@
 """ivshmem BAR0: the only code that does word arithmetic on the register block.
 
-BAR0 (QEMU docs/specs/ivshmem-spec.rst; wire-format spec section 1) is 256 bytes of 32-bit
+BAR0 (QEMU docs/specs/ivshmem-spec.rst; docs/wire-format.md §1.1) is 256 bytes of 32-bit
 registers that accept 4-byte accesses only:
 
     0x00 IntrMask    INTx mask, bit 0 = doorbell interrupt

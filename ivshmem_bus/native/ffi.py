@@ -15,7 +15,7 @@ The only module that imports the compiled helper ``ivshmem_bus.native._helper`` 
 ========================  ==========================================  ===========================
 
 Both paths make exactly one aligned 32-bit access per word, measured with watchpoints (see
-../shared/spec/vfio-notes.md): ``struct.pack_into``, slice assignment and cffi ABI-mode
+docs/vfio.md §5): ``struct.pack_into``, slice assignment and cffi ABI-mode
 ``p[0] = v`` make two, which rings a doorbell twice. So the fallback is correct on x86-64,
 just slower; the first time any fallback runs, the reason the helper is absent is logged once
 on the ``ivshmem_bus`` logger (at run time, not import time, so it reaches the application's
@@ -139,7 +139,7 @@ def _pointer(arg: Any) -> Iterator[Any]:
 
     Read-only buffers (``bytes``) are refused with TypeError: the kernel writes into most VFIO
     arguments, and writing into an immutable ``bytes`` corrupts it (the fcntl.ioctl trap in
-    vfio-notes.md). The buffer stays exported only for the ``with`` block, so an mmap can be
+    docs/vfio.md §2). The buffer stays exported only for the ``with`` block, so an mmap can be
     closed afterwards.
     """
     if isinstance(arg, ffi.CData):

@@ -1,6 +1,6 @@
 """No-IOMMU mode: rebuild drivers/vfio with CONFIG_VFIO_NOIOMMU=y for the cached kernel.
 
-Debian bookworm's kernel is built without ``CONFIG_VFIO_NOIOMMU`` (vfio-notes), so
+Debian bookworm's kernel is built without ``CONFIG_VFIO_NOIOMMU`` (docs/vfio.md §10), so
 ``/sys/module/vfio/parameters/enable_unsafe_noiommu_mode`` does not exist and a guest without
 a vIOMMU cannot use VFIO. The fix without rebuilding the kernel: build the five modules of
 drivers/vfio out of tree (``make -C headers M=...``) from Debian's own ``linux-source-6.1``,

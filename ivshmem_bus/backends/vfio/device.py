@@ -13,7 +13,7 @@
    one SET_IRQS; without MSI-X, INTx (index 0) with IntrMask set, IntrStatus read to clear it
    and an unmask after each interrupt; with neither (ivshmem-plain), no doorbells at all.
 
-Doorbells rung before step 5 are lost (QEMU under TCG, vfio-notes.md): the bus looks at its
+Doorbells rung before step 5 are lost (QEMU under TCG, docs/vfio.md §8): the bus looks at its
 queue periodically, so nothing waits on one. Closing goes in reverse: IRQs off, eventfds,
 munmap, device fd, group, container.
 """

@@ -17,7 +17,7 @@ through the verified cdefs structs (``ffi.from_buffer``). Region info with capab
 the kernel's grow-and-retry protocol: when argsz is too small it raises argsz, sets
 cap_offset 0 and returns success; we grow the buffer and ask again.
 
-Facts from ../shared/spec/vfio-notes.md this module is built on: never compute region
+Facts from docs/vfio.md (§1-§4, §6, §10) this module is built on: never compute region
 offsets (use region_info.offset); mmap is MAP_SHARED at that offset; ivshmem BAR0 (256
 bytes) often has no MMAP flag, so registers go through pread/pwrite; a group node opens once
 (EBUSY); noiommu groups need CAP_SYS_RAWIO; MSI-X needs PCI bus mastering, which vfio-pci
@@ -304,7 +304,7 @@ class Device:
 
     def enable_bus_master(self) -> int:
         """Set PCI_COMMAND bus master (keeping memory space on): MSI-X needs it, vfio-pci
-        leaves it off, and QEMU then drops every MSI (vfio-notes.md). Returns the new value."""
+        leaves it off, and QEMU then drops every MSI (docs/vfio.md §6). Returns the new value."""
         config = self.region_info(lib.VFIO_PCI_CONFIG_REGION_INDEX)
         command = int.from_bytes(self.read(config, PCI_COMMAND, 2), "little")
         new = command | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY

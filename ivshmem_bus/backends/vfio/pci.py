@@ -1,12 +1,12 @@
 """The PCI side of the VFIO backend: find ivshmem functions, bind them to vfio-pci and back.
 
-QEMU's ivshmem is 1af4:1110 (wire-format spec section 1): BAR0 registers, BAR1 MSI-X
+QEMU's ivshmem is 1af4:1110 (docs/wire-format.md §1): BAR0 registers, BAR1 MSI-X
 (ivshmem-doorbell only), BAR2 shared memory. Every sysfs path is built under ``root`` (default
 ``/sys``), so tests run on a fake tree (tests/fakesysfs.py). On the real ``/sys`` pyudev lists
 the candidates; a directory walk is the fallback and the only way into a fake tree, which
-pyudev cannot read (vfio-notes). Both feed the same record reader.
+pyudev cannot read (docs/vfio.md §9). Both feed the same record reader.
 
-Binding (vfio-notes "Binding") is per device; ``new_id`` would claim every 1af4:1110, so never:
+Binding (docs/vfio.md §9) is per device; ``new_id`` would claim every 1af4:1110, so never:
 
     1. devices/BDF/driver_override <- "vfio-pci"  from now on only vfio-pci may claim it
     2. drivers/OLD/unbind          <- BDF         release it from its current driver, if any
@@ -63,7 +63,7 @@ _PCI_HEADER_END = 0x40  # capabilities live after the 64-byte header
 _PCI_CAP_ID_MSIX = 0x11
 _PCI_MSIX_FLAGS_QSIZE = 0x7FF  # Message Control bits 10..0: table size - 1
 _PCI_COMMAND_MEMORY = 0x2
-_IVPOSITION = 0x08  # BAR0 register (wire-format spec section 1)
+_IVPOSITION = 0x08  # BAR0 register (docs/wire-format.md §1.1)
 
 Modprobe = Callable[[str], None]
 

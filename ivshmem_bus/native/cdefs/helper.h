@@ -4,7 +4,7 @@
  *
  * Why C at all: a BAR register must see exactly one aligned 32-bit access, and Python's
  * struct.pack_into, slice assignment and cffi ABI-mode stores issue two (measured; see
- * vfio-notes.md). A volatile access in compiled C is one instruction.
+ * docs/vfio.md §5). A volatile access in compiled C is one instruction.
  */
 
 /* Exactly one aligned 32-bit volatile load/store at base + off (off a multiple of 4). */

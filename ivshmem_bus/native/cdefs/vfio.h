@@ -1,7 +1,7 @@
 /*
  * The VFIO userspace ABI that ivshmem_bus uses, declared for cffi.
  *
- * Written for this project from the documented ABI (see ../shared/spec/vfio-notes.md), not
+ * Written for this project from the documented ABI (see docs/vfio.md §2), not
  * copied from <linux/vfio.h>. This file is read twice, as data:
  *   - by ivshmem_bus/_ffi.py as an ABI-mode cdef (cffi's own C parser, no compiler), and
  *   - by tools/build_helper.py, both as the API-mode cdef and as real C in the helper's source.
