@@ -1,8 +1,8 @@
 """Doorbell coalescing: the polling flag, the Dekker re-checks, and 10^6 messages that never stall.
 
 The flag is an extension of the contract's layout (docs/wire-format.md §3.5, queue.py's
-module doc): u32 at 0x44 of a queue, in the consumer's line, 1 while the consumer polls. The default bus keeps QEMU's
-semantics (a doorbell after every send) whatever that word says.
+module doc): u32 at 0x44 of a queue, in the consumer's line, 1 while the consumer polls. The
+default bus keeps QEMU's semantics (a doorbell after every send) whatever that word says.
 """
 
 from __future__ import annotations
