@@ -292,7 +292,8 @@ def _features(cls, profile):
 
 def _strategies(profile: str) -> list[st.SearchStrategy]:
     v0 = profile == "qemu-v0"
-    cfg_limit, ev_limit = (8, 16) if v0 else (28, 24)
+    linux = profile == "linux-v0"  # spec-v1's bodies, but every response carries its fields
+    cfg_limit, ev_limit = {"qemu-v0": (8, 16), "spec-v1": (28, 24), "linux-v0": (46, 42)}[profile]
     common = [
         st.builds(p.DeviceInfo),
         (
@@ -303,7 +304,11 @@ def _strategies(profile: str) -> list[st.SearchStrategy]:
         st.builds(p.GetFeatures, u32, u32),
         _features(p.GetFeaturesResponse, profile),
         _features(p.SetFeatures, profile),
-        _features(p.SetFeaturesResponse, profile) if v0 else st.builds(p.SetFeaturesResponse),
+        (
+            _features(p.SetFeaturesResponse, profile)
+            if v0 or linux
+            else st.builds(p.SetFeaturesResponse)
+        ),
         st.builds(p.GetConfig, u32, u32),
         _config(p.GetConfigResponse, cfg_limit),
         _config(p.SetConfig, cfg_limit),
@@ -317,11 +322,11 @@ def _strategies(profile: str) -> list[st.SearchStrategy]:
         st.builds(p.SetVqueue, u32, u32, u64, u64, u64),
         (
             st.builds(p.SetVqueueResponse, u32, u32, u64, u64, u64)
-            if v0
+            if v0 or linux
             else st.builds(p.SetVqueueResponse)
         ),
         st.builds(p.ResetVqueue, u32),
-        st.builds(p.ResetVqueueResponse),
+        st.builds(p.ResetVqueueResponse, index=u32) if linux else st.builds(p.ResetVqueueResponse),
         st.integers(0, ev_limit).flatmap(
             lambda n: st.builds(
                 p.EventConfig, u32, u32, u32, st.just(n), st.binary(min_size=n, max_size=n)
@@ -342,7 +347,7 @@ def _strategies(profile: str) -> list[st.SearchStrategy]:
         st.builds(p.GetShm, u32),
         st.builds(p.GetShmResponse, u32, u32, u32),
         st.builds(p.BusGetDevices, u16, u16),
-        st.integers(0, 272).flatmap(
+        st.integers(0, 8 * 52 if linux else 272).flatmap(
             lambda n: st.builds(
                 p.BusGetDevicesResponse,
                 u16,
@@ -359,13 +364,13 @@ def _strategies(profile: str) -> list[st.SearchStrategy]:
 
 def _with_header(profile: str):
     """Messages of ``profile`` with random dev_num (and token, for spec-v1)."""
-    token = st.just(0) if profile == "qemu-v0" else u16
+    token = u16 if p.HAS_TOKEN[profile] else st.just(0)
     return st.builds(dataclasses.replace, st.one_of(_strategies(profile)), dev_num=u16, token=token)
 
 
 @pytest.mark.parametrize("profile", p.PROFILES)
 def test_strategies_cover_every_class_of_the_profile(profile):
-    expected = 26 if profile == "qemu-v0" else 30
+    expected = {"qemu-v0": 26, "spec-v1": 30, "linux-v0": 30}[profile]
     assert len(_strategies(profile)) == expected
 
 

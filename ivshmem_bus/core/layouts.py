@@ -18,10 +18,17 @@ from typing import Final
 from . import messages as m
 from .messages import Message
 
-PROFILES: Final = ("qemu-v0", "spec-v1")
-HEADER_SIZE: Final = {"qemu-v0": 6, "spec-v1": 8}
-MESSAGE_SIZE: Final = {"qemu-v0": 44, "spec-v1": 48}
-_HEADER = {"qemu-v0": struct.Struct("<BBHH"), "spec-v1": struct.Struct("<BBHHH")}
+PROFILES: Final = ("qemu-v0", "spec-v1", "linux-v0")
+HEADER_SIZE: Final = {"qemu-v0": 6, "spec-v1": 8, "linux-v0": 6}
+# Bytes of a message in its slot (the rest of the 64-byte slot is not written): QEMU copies
+# 44; spec-v1 (QEMU's later code) 48; the Linux stack's bus maximum is the whole slot.
+MESSAGE_SIZE: Final = {"qemu-v0": 44, "spec-v1": 48, "linux-v0": 64}
+HAS_TOKEN: Final = {"qemu-v0": False, "spec-v1": True, "linux-v0": False}
+_HEADER = {
+    "qemu-v0": struct.Struct("<BBHH"),
+    "spec-v1": struct.Struct("<BBHHH"),
+    "linux-v0": struct.Struct("<BBHH"),  # type, msg_id, dev_id, msg_size
+}
 _RESERVED_TYPE_BITS = 0xFF & ~(m.TYPE_RESPONSE | m.TYPE_BUS)
 
 
@@ -40,6 +47,9 @@ class _Tail:
     limit: int  # the largest count the payload can hold
     padded: int = 0  # > 0: a fixed-size field of this many bytes (qemu-v0 config fields)
     bitmap: bool = False  # count is in bits, rounded up to bytes
+    # The sender's msg_size covers only the fixed fields (the Linux stack's SET_DRV_FEATURES
+    # and SET_CONFIG): the tail is read as its count implies, within the slot.
+    past_size: bool = False
 
 
 def _tail_len(tail: _Tail, count: int) -> int:
@@ -104,7 +114,7 @@ _QEMU_V0: list[_Layout] = [
     _L(m.SetVqueue, "I4xIQQQ", "index size " + _VQ_ADDRS),  # u32 "unused" at 4
     _L(m.SetVqueueResponse, "I4xIQQQ", "index size " + _VQ_ADDRS),
     _L(m.ResetVqueue, "I", "index"),
-    _L(m.ResetVqueueResponse),
+    _L(m.ResetVqueueResponse, absent=("index",)),
     _L(
         m.EventConfig,
         "IIII",
@@ -143,7 +153,7 @@ _SPEC_V1: list[_Layout] = [
     _L(m.SetVqueue, "I4xI4xQQQ", "index size " + _VQ_ADDRS),
     _L(m.SetVqueueResponse, absent=("index", "size", *_VQ_ADDRS.split())),
     _L(m.ResetVqueue, "I", "index"),
-    _L(m.ResetVqueueResponse),
+    _L(m.ResetVqueueResponse, absent=("index",)),
     _L(m.GetShm, "I", "index"),
     _L(m.GetShmResponse, "III", "index length address"),  # u32s in the draft
     _L(m.EventConfig, "IIII", "status " + _CFG_NAMES, tail=_Tail("config_value", "size", 1, 24)),
@@ -155,6 +165,62 @@ _SPEC_V1: list[_Layout] = [
         "HHH",
         "offset num next_offset",
         tail=_Tail("bitmap", "num", 1, 8 * 34, bitmap=True),
+    ),
+    _L(m.BusPing, "I", "data"),
+    _L(m.BusPingResponse, "I", "data"),
+    _L(m.BusEventDevice, "HH", "target_dev_num dev_state"),
+]
+
+
+# The Linux virtio-msg driver stack's framing (docs/wire-format.md §12): qemu-v0's 6-byte
+# header with a real dev_id, spec-v1-like bodies with u32 feature words and config bytes, and
+# every response carrying its fields (SET_* and RESET_VQUEUE included).
+_LINUX_PAYLOAD = 64 - 6
+_LINUX_BLOCKS = _Tail("features", "num", 4, m.MAX_FEATURE_BLOCKS)
+_LINUX_CFG = _Tail("data", "size", 1, _LINUX_PAYLOAD - 12)
+
+_LINUX_V0: list[_Layout] = [
+    _L(m.DeviceInfo),
+    _L(
+        m.DeviceInfoResponse,
+        "IIIIIHH",
+        "device_id vendor_id num_feature_bits config_size max_virtqueues admin_vq_start "
+        "admin_vq_count",
+    ),
+    _L(m.GetFeatures, "II", "index num"),
+    _L(m.GetFeaturesResponse, "II", "index num", tail=_LINUX_BLOCKS),
+    _L(m.SetFeatures, "II", "index num", tail=dataclasses.replace(_LINUX_BLOCKS, past_size=True)),
+    _L(m.SetFeaturesResponse, "II", "index num", tail=_LINUX_BLOCKS),
+    _L(m.GetConfig, "II", "offset size"),
+    _L(m.GetConfigResponse, "III", _CFG_NAMES, tail=_LINUX_CFG),
+    _L(m.SetConfig, "III", _CFG_NAMES, tail=dataclasses.replace(_LINUX_CFG, past_size=True)),
+    _L(m.SetConfigResponse, "III", _CFG_NAMES, tail=_LINUX_CFG),
+    _L(m.GetDeviceStatus),
+    _L(m.GetDeviceStatusResponse, "I", "status"),
+    _L(m.SetDeviceStatus, "I", "status"),
+    _L(m.SetDeviceStatusResponse, "I", "status"),
+    _L(m.GetVqueue, "I", "index"),
+    _L(m.GetVqueueResponse, "IIIQQQ", "index max_size size " + _VQ_ADDRS),
+    _L(m.SetVqueue, "I4xIQQQ", "index size " + _VQ_ADDRS),  # u32 "unused" at 4
+    _L(m.SetVqueueResponse, "I4xIQQQ", "index size " + _VQ_ADDRS),
+    _L(m.ResetVqueue, "I", "index"),
+    _L(m.ResetVqueueResponse, "I", "index"),
+    _L(m.GetShm, "I", "index"),
+    _L(m.GetShmResponse, "III", "index length address"),  # index, count, addr
+    _L(
+        m.EventConfig,
+        "IIII",
+        "status " + _CFG_NAMES,
+        tail=_Tail("config_value", "size", 1, _LINUX_PAYLOAD - 16),
+    ),
+    _L(m.EventAvail, "II", "index next_offset_wrap"),
+    _L(m.EventUsed, "I", "index"),
+    _L(m.BusGetDevices, "HH", "offset num"),
+    _L(
+        m.BusGetDevicesResponse,
+        "HHH",
+        "offset num next_offset",
+        tail=_Tail("bitmap", "num", 1, 8 * (_LINUX_PAYLOAD - 6), bitmap=True),
     ),
     _L(m.BusPing, "I", "data"),
     _L(m.BusPingResponse, "I", "data"),
@@ -175,7 +241,7 @@ def _index(layouts: list[_Layout]) -> tuple[dict[tuple[int, int], _Layout], dict
 
 _BY_WIRE: dict[str, dict[tuple[int, int], _Layout]] = {}
 _BY_CLASS: dict[str, dict[type, _Layout]] = {}
-for _profile, _layouts in (("qemu-v0", _QEMU_V0), ("spec-v1", _SPEC_V1)):
+for _profile, _layouts in (("qemu-v0", _QEMU_V0), ("spec-v1", _SPEC_V1), ("linux-v0", _LINUX_V0)):
     _BY_WIRE[_profile], _BY_CLASS[_profile] = _index(_layouts)
     for _layout in _layouts:  # a layout that overflows the payload is a bug in this file
         _tail_max = _layout.tail and (

@@ -343,9 +343,12 @@ class ResetVqueue(Message):
     index: int
 
 
-@_msg(MSG_RESET_VQUEUE, response=True)
+@_msg(MSG_RESET_VQUEUE, response=True, widths={"index": _U32})
 class ResetVqueueResponse(Message):
-    """Empty. QEMU's device never sends it; spec-v1 devices do."""
+    """QEMU's device never sends it; spec-v1 devices send it empty; linux-v0 echoes the
+    ``index`` (0 where the profile does not carry it)."""
+
+    index: int = 0
 
 
 @_msg(MSG_GET_SHM, widths={"index": _U32})

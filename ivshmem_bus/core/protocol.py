@@ -7,6 +7,11 @@ every message 44 bytes. One request outstanding; a response is matched by msg_id
 ``"spec-v1"`` (docs/wire-format.md §5): the draft virtio-msg transport. Header of 8 bytes
 (type, msg_id, dev_num, token u16, msg_size), 40-byte payload, 48-byte messages, matched by token.
 
+``"linux-v0"`` (docs/wire-format.md §12): what the Linux virtio-msg driver stack speaks. qemu-v0's
+6-byte header with a real dev_id, up to 58 payload bytes (the whole 64-byte slot), feature words
+and config bytes as spec-v1 carries them, bus GET_DEVICES / PING / EVENT_DEVICE, and a response to
+every request but the events; matched by (type, msg_id, dev_id).
+
 The codec is data: ``_layouts._BY_WIRE[profile][(type, msg_id)]`` says which class a wire type
 is and how its payload is laid out (a ``struct`` format at payload offset 0 plus, for a few
 messages, a variable tail). There is no if-chain per message.
@@ -31,6 +36,7 @@ from .layouts import (
     _BY_WIRE,
     _HEADER,
     _RESERVED_TYPE_BITS,
+    HAS_TOKEN,
     HEADER_SIZE,
     MESSAGE_SIZE,
     PROFILES,
@@ -42,6 +48,7 @@ from .messages import *  # noqa: F403  (re-exported: protocol.GetFeatures etc.)
 from .messages import Message, UnknownMessage
 
 __all__ = [
+    "HAS_TOKEN",
     "HEADER_SIZE",
     "MESSAGE_SIZE",
     "PROFILES",
@@ -100,18 +107,18 @@ def encode(msg: Message, profile: str = "qemu-v0") -> bytes:
 
     Args:
         msg: any message object.
-        profile: ``"qemu-v0"`` or ``"spec-v1"``.
+        profile: ``"qemu-v0"``, ``"spec-v1"`` or ``"linux-v0"``.
 
     Returns:
-        44 (qemu-v0) or 48 (spec-v1) bytes; msg_size = header + the type's payload size;
-        unused payload bytes zero.
+        44 (qemu-v0), 48 (spec-v1) or 64 (linux-v0) bytes; msg_size = header + the type's
+        payload size; unused payload bytes zero.
 
     Raises:
         ValueError: the profile does not define this message, or cannot carry a field's
             value (a token in qemu-v0, features past 64 bits, config data past 8 bytes, ...).
     """
     fast = _FAST_ENCODERS.get((profile, type(msg)))
-    if fast is not None and not (msg.token and profile == "qemu-v0"):
+    if fast is not None and not (msg.token and not HAS_TOKEN[profile]):
         try:
             return fast(msg)
         except struct.error:
@@ -125,8 +132,8 @@ def encode(msg: Message, profile: str = "qemu-v0") -> bytes:
     name = type(msg).__name__
     if layout is None:
         raise ValueError(f"{name} is not a {profile} message")
-    if profile == "qemu-v0" and msg.token:
-        raise ValueError(f"{name}.token={msg.token}: qemu-v0 has no token field (use spec-v1)")
+    if msg.token and not HAS_TOKEN[profile]:
+        raise ValueError(f"{name}.token={msg.token}: {profile} has no token field (use spec-v1)")
     for field, default in layout.absent_defaults:
         if getattr(msg, field) != default:
             raise ValueError(f"{name}.{field} cannot be carried by {profile}: must be {default!r}")
@@ -146,7 +153,7 @@ def encode(msg: Message, profile: str = "qemu-v0") -> bytes:
 def _pack_header(
     out: bytearray, profile: str, type_: int, msg_id: int, dev_num: int, token: int, size: int
 ) -> None:
-    if profile == "qemu-v0":
+    if not HAS_TOKEN[profile]:
         _HEADER[profile].pack_into(out, 0, type_, msg_id, dev_num, size)
     else:
         _HEADER[profile].pack_into(out, 0, type_, msg_id, dev_num, token, size)
@@ -158,8 +165,8 @@ def _encode_unknown(msg: UnknownMessage, profile: str, out: bytearray) -> bytes:
         raise ValueError(
             f"UnknownMessage.raw holds {len(msg.raw)} bytes; {profile} needs {hsize}..{len(out)}"
         )
-    if profile == "qemu-v0" and msg.token:
-        raise ValueError(f"UnknownMessage.token={msg.token}: qemu-v0 has no token field")
+    if msg.token and not HAS_TOKEN[profile]:
+        raise ValueError(f"UnknownMessage.token={msg.token}: {profile} has no token field")
     out[hsize : len(msg.raw)] = msg.raw[hsize:]
     _pack_header(out, profile, msg.msg_type, msg.unknown_id, msg.dev_num, msg.token, len(msg.raw))
     return bytes(out)
@@ -178,7 +185,7 @@ def _fast_encoder(layout: _Layout, profile: str) -> Callable[[Message], bytes] |
     type_, msg_id, pack = cls.type.fget(cls), cls.MSG_ID, full.pack  # type: ignore[attr-defined]
     get = operator.attrgetter(*layout.names) if layout.names else None
     one = len(layout.names) == 1
-    if profile == "qemu-v0":
+    if not HAS_TOKEN[profile]:
         if get is None:
             return lambda msg: pack(type_, msg_id, msg.dev_num, size)
         if one:
@@ -222,7 +229,7 @@ def decode(data: bytes | bytearray | memoryview, profile: str = "qemu-v0") -> Me
     hsize = HEADER_SIZE[profile]
     if len(view) < hsize:
         raise ProtocolError(None, f"{len(view)} bytes are shorter than the {hsize}-byte header")
-    if profile == "qemu-v0":
+    if not HAS_TOKEN[profile]:
         type_, msg_id, dev_num, size = _HEADER[profile].unpack_from(view)
         token = 0
     else:
@@ -248,10 +255,11 @@ def decode(data: bytes | bytearray | memoryview, profile: str = "qemu-v0") -> Me
         )
     if layout.tail is None:  # fixed fields only: read in place, set slots positionally
         return _POSITIONAL[layout](layout.fixed.unpack_from(view, hsize), dev_num, token)
-    payload = view[hsize:size]
+    # A tail the sender under-counts (linux-v0 SET_DRV_FEATURES / SET_CONFIG) is read as
+    # far as its own count says, never past the slot or the buffer.
+    payload = view[hsize : limit if layout.tail.past_size else size]
     values = dict(zip(layout.names, layout.fixed.unpack_from(payload), strict=True))
-    if layout.tail is not None:
-        _unpack_tail(layout.tail, values, payload[layout.fixed.size :], msg_id)
+    _unpack_tail(layout.tail, values, payload[layout.fixed.size :], msg_id)
     values["dev_num"] = dev_num
     values["token"] = token
     return _build(layout.cls, values)
@@ -373,7 +381,9 @@ def expects_response(msg: Message, profile: str = "qemu-v0") -> bool:
 def response_matches(request: Message, reply: Message, profile: str = "qemu-v0") -> bool:
     """True when ``reply`` answers ``request``.
 
-    spec-v1 matches on msg_id, the bus bit, token and dev_num. qemu-v0 has no token: QEMU
+    spec-v1 matches on msg_id, the bus bit, token and dev_num. linux-v0 has no token: the
+    Linux stack matches (type, msg_id) and, for transport messages, dev_id; the echoed field
+    below is checked too. qemu-v0 has no token either: QEMU
     matches on msg_id alone (``virtio_msg_is_resp``), which lets a late response, after a
     timeout, answer the next request of the same type, and the lag can persist. So where a
     qemu-v0 response echoes a request field (QEMU's device does: the index of
@@ -387,11 +397,13 @@ def response_matches(request: Message, reply: Message, profile: str = "qemu-v0")
         return False
     if profile == "spec-v1":
         return reply.token == request.token and reply.dev_num == request.dev_num
+    if profile == "linux-v0" and not request.BUS and reply.dev_num != request.dev_num:
+        return False
     echoed = _QEMU_ECHOED.get(type(request))
     return echoed is None or getattr(reply, echoed, None) == getattr(request, echoed)
 
 
-# qemu-v0 responses that carry a field of their request back (see response_matches).
+# qemu-v0 / linux-v0 responses that carry a field of their request back (response_matches).
 _QEMU_ECHOED: Final = {
     m.GetFeatures: "index",
     m.SetFeatures: "index",
@@ -400,4 +412,5 @@ _QEMU_ECHOED: Final = {
     m.GetConfig: "offset",
     m.SetConfig: "offset",
     m.IommuTranslate: "va",
+    m.BusGetDevices: "offset",
 }
