@@ -19,7 +19,9 @@ __all__ = [
     "BusTimeout",
     "DeviceNotFound",
     "IvshmemBusError",
+    "MemoryFileError",
     "PciError",
+    "PoolExhausted",
     "ProtocolError",
     "QueueCorrupt",
     "RemoteVmidError",
@@ -207,3 +209,48 @@ class VirtqueueError(IvshmemBusError):
         self.reason = reason
         where = "virtqueue" if queue is None else f"virtqueue {queue}"
         super().__init__(f"{where}: {reason}")
+
+
+class MemoryFileError(IvshmemBusError, OSError):
+    """A shared memory file (QEMU's memory-backend-file, a RAM file) cannot be a window.
+
+    Also an ``OSError`` with ``errno`` (``None`` when the OS did not fail: an empty file).
+    ``str()`` is one sentence naming the file, what is wrong and the fix.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: str, message: str, *, errno: int | None = None) -> None:
+        self.path = path
+        OSError.__init__(self, errno, message)
+        self._message = message
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> tuple[type[MemoryFileError], tuple[str, str], dict[str, object]]:
+        return (type(self), (self.path, self._message), {"errno": self.errno})
+
+
+class PoolExhausted(IvshmemBusError, MemoryError):
+    """The driver's pool in BAR2 has no free range that fits an allocation.
+
+    The pool is this driver's own memory (no peer involved): free buffers or queues, or give
+    the ivshmem device a larger BAR2.
+
+    Attributes:
+        size: the bytes asked for.
+        align: the alignment asked for.
+        largest: the largest free extent at the time, in bytes.
+    """
+
+    def __init__(self, pool: str, size: int, align: int, largest: int) -> None:
+        self.size = size
+        self.align = align
+        self.largest = largest
+        super().__init__(
+            f"{pool}: no room for {size} byte(s) aligned to {align} (largest free extent "
+            f"{largest} bytes): free buffers or queues, or give ivshmem a larger BAR2 "
+            f"(QEMU size=, ivshmem-bus server -l)"
+        )
