@@ -8,7 +8,10 @@ alignments are 16 (descriptors), 2 (available ring), 4 (used ring) (virtqueues.m
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import cast
 
@@ -228,3 +231,12 @@ def test_allocations_are_aligned_disjoint_inside_and_exhaustion_is_honest(
     for addr in list(live):
         pool.free(addr)
     assert pool.free_extents == [(lo, hi)]
+
+
+def test_the_core_does_not_import_the_windows_that_map() -> None:
+    """core.window is sans-I/O; memory/ is the edge above it, never below."""
+    code = "import sys, json, ivshmem_bus.core.window; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert not {m for m in loaded if m.startswith("ivshmem_bus.memory")}
+    assert not loaded & {"mmap", "cffi", "ivshmem_bus.device", "ivshmem_bus.vfio"}
