@@ -137,6 +137,8 @@ def test_bad_arguments_are_value_errors_before_any_io(tmp_path: Path) -> None:
     path = ram_file(tmp_path)
     with pytest.raises(ValueError, match="mem_offset must not be negative"):
         FileWindow(path, -1)
+    with pytest.raises(ValueError, match=r"mem_offset 0x40000800 is not a multiple of 0x1000"):
+        FileWindow(path, ARM_RAM + 0x800)
     with pytest.raises(ValueError, match="size must be positive"):
         FileWindow(path, 0, size=0)
     with pytest.raises(ValueError, match="create=True needs a size"):
@@ -186,7 +188,7 @@ def test_open_window_takes_a_path_and_a_bdf_lookalike_with_a_directory(tmp_path:
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    base=st.integers(0, (1 << 64) - 0x1000),
+    base=st.integers(0, (1 << 52) - 1).map(lambda page: page * 0x1000),
     addr_delta=st.integers(-0x2000, 0x2000),
     length=st.integers(-4, 0x1100),
 )
@@ -206,3 +208,14 @@ def test_any_range_reads_the_file_at_addr_minus_base_or_is_refused(
             assert addr_delta >= 0 and addr_delta + length <= 0x1000
             assert bytes(v) == file_bytes(path, addr_delta, length)
             v.release()
+
+
+def test_open_and_close_200_times_leaves_the_fds_as_they_were(tmp_path: Path) -> None:
+    path = ram_file(tmp_path)
+    before = open_fds()
+    for i in range(200):
+        with FileWindow(path, ARM_RAM) as w:
+            w.store16(ARM_RAM + 2 * (i % 16), i)
+        with pytest.raises(MemoryFileError):
+            FileWindow(tmp_path / "absent", 0)
+    assert open_fds() == before

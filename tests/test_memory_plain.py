@@ -248,3 +248,17 @@ def test_no_bar2_is_refused(tree: Tree) -> None:
     tree.fake.add_device(PLAIN, bars=(256, 0, 0, 0, 0, 0), msix_vectors=0)
     with pytest.raises(PciError, match="BAR2 is empty: give the ivshmem-plain device a memdev"):
         tree.open()
+
+
+def test_open_and_close_both_paths_100_times_leaves_the_fds_as_they_were(
+    tree: Tree, tmp_path: Path
+) -> None:
+    tree.plain()
+    tree.plain("0000:00:12.0", driver="vfio-pci", iommu_group=7)
+    tree.vfio_nodes()
+    kernel = FakeKernel(tmp_path, msix=0, intx=0)
+    before = open_fds()
+    for _ in range(100):
+        with tree.open() as a, tree.open("0000:00:12.0", ioctl=kernel) as b:
+            assert (a.via, b.via) == ("resource2", "vfio")
+    assert open_fds() == before

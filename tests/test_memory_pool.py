@@ -33,6 +33,8 @@ from ivshmem_bus.memory.pool import (
     POOL_OFFSET,
     PoolAllocator,
     PoolWindow,
+    QueueAreas,
+    split_queue_sizes,
 )
 
 
@@ -178,6 +180,26 @@ def test_exhaustion_and_misuse_are_clear_errors() -> None:
     pool.free(0x2000)
     with pytest.raises(ValueError, match="freed twice"):
         pool.free(0x2000)
+
+
+def test_alloc_queue_gives_the_split_layout_sizes_at_their_alignments() -> None:
+    # virtio 1.x 2.7 with the event fields: 16n, 2 + 2 + 2n + 2, 2 + 2 + 8n + 2
+    assert split_queue_sizes(256) == (4096, 518, 2054)
+    assert split_queue_sizes(1) == (16, 8, 14)
+    assert split_queue_sizes(32768) == (524288, 65542, 262150)
+    for bad in (0, 3, 65536, -2):
+        with pytest.raises(ValueError, match=r"power of two in 1\.\.32768"):
+            split_queue_sizes(bad)
+    _, pool = allocator(0x2000 + 3 * 4096)
+    q = pool.alloc_queue(256)
+    assert q == QueueAreas(256, 0x2000, 0x3000, 0x3208)  # 0x3000 + 518 = 0x3206, up to 4
+    assert q.desc % 16 == 0 and q.avail % 2 == 0 and q.used % 4 == 0
+    before = pool.free_extents
+    with pytest.raises(PoolExhausted):
+        pool.alloc_queue(256)  # its descriptor table would fit, the rings not: all or nothing
+    assert pool.free_extents == before
+    pool.free_queue(q)
+    assert pool.free_extents == [(0x2000, 0x5000)]
 
 
 ops = st.lists(

@@ -19,13 +19,21 @@ from ..device import unmap
 __all__ = ["MappedWindow", "check_span"]
 
 _ADDRESS_SPACE = 1 << 64
+PAGE = 0x1000
 
 
 def check_span(name: str, base: int, size: int) -> None:
-    """Refuse a window that starts below 0 or ends past the 64-bit address space (before
-    anything is mapped: a descriptor address is a u64, so no byte past 2**64 is nameable)."""
+    """Refuse a window that starts below 0 or off a page, or ends past the 64-bit address
+    space, before anything is mapped. Guest RAM starts on a page; an offset off a page would
+    make the driver's aligned ring indexes unaligned in the mapping. A descriptor address is a
+    u64, so no byte past 2**64 is nameable."""
     if base < 0:
         raise ValueError(f"{name}: mem_offset must not be negative ({base})")
+    if base % PAGE:
+        raise ValueError(
+            f"{name}: mem_offset 0x{base:x} is not a multiple of 0x{PAGE:x} (guest RAM starts "
+            f"on a page: 0 on x86 q35, 0x40000000 on Arm virt)"
+        )
     if base + size > _ADDRESS_SPACE:
         raise ValueError(
             f"{name}: {size} bytes at mem_offset 0x{base:x} end past the 64-bit address space"

@@ -24,6 +24,7 @@ Not thread-safe: one driver, one allocator.
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Literal, Self
 
 from .._ffi import full_fence
@@ -41,7 +42,9 @@ __all__ = [
     "POOL_OFFSET",
     "PoolAllocator",
     "PoolWindow",
+    "QueueAreas",
     "Role",
+    "split_queue_sizes",
 ]
 
 PAGE = 0x1000
@@ -57,7 +60,32 @@ ALIGN_AVAIL = 2  # available ring
 ALIGN_USED = 4  # used ring
 ALIGN_QUEUE = PAGE  # a whole queue (legacy layout, or one page per queue)
 
+MAX_QUEUE_SIZE = 32768
+
 Role = Literal["device", "driver"]
+
+
+def split_queue_sizes(n: int) -> tuple[int, int, int]:
+    """Bytes of a split virtqueue's three areas for queue size ``n`` (virtio 1.x 2.7):
+    descriptor table 16n, available ring 6 + 2n, used ring 6 + 8n. The rings include their
+    trailing event field (used_event, avail_event), so EVENT_IDX never changes the layout.
+
+    Raises:
+        ValueError: ``n`` is not a power of two in 1..32768.
+    """
+    if not isinstance(n, int) or not 0 < n <= MAX_QUEUE_SIZE or n & (n - 1):
+        raise ValueError(f"queue size must be a power of two in 1..{MAX_QUEUE_SIZE}, not {n!r}")
+    return 16 * n, 6 + 2 * n, 6 + 8 * n
+
+
+@dataclass(frozen=True, slots=True)
+class QueueAreas:
+    """Where one split virtqueue lives: the three SET_VQUEUE addresses and its size."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
 
 
 class PoolWindow(BufferWindow):
@@ -145,6 +173,27 @@ class PoolAllocator:
                 self._live[addr] = size
                 return addr
         raise PoolExhausted(self._name, size, align, self.largest_free)
+
+    def alloc_queue(self, n: int) -> QueueAreas:
+        """The three areas of a split virtqueue of size ``n``, each at its alignment.
+
+        All or nothing: on ``PoolExhausted`` no area stays allocated.
+        """
+        sizes = split_queue_sizes(n)
+        addrs: list[int] = []
+        try:
+            for size, align in zip(sizes, (ALIGN_DESC, ALIGN_AVAIL, ALIGN_USED), strict=True):
+                addrs.append(self.alloc(size, align))
+        except PoolExhausted:
+            for addr in addrs:
+                self.free(addr)
+            raise
+        return QueueAreas(n, *addrs)
+
+    def free_queue(self, areas: QueueAreas) -> None:
+        """Give back the three areas ``alloc_queue`` returned."""
+        for addr in (areas.desc, areas.avail, areas.used):
+            self.free(addr)
 
     def _take(self, i: int, lo: int, hi: int) -> None:
         """Cut ``[lo, hi)`` out of free extent ``i``, keeping what is left on each side."""
