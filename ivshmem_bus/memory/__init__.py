@@ -23,7 +23,7 @@ import os
 import re
 from typing import Literal, overload
 
-from ..device import IvshmemDevice
+from ..backends.base import IvshmemDevice
 from .file import FileWindow
 from .plain import PlainWindow
 from .pool import POOL_ADDRESSING, POOL_OFFSET, PoolAllocator, PoolWindow, Role

@@ -12,9 +12,9 @@ import mmap
 from collections.abc import Callable
 from typing import Self
 
-from .._ffi import full_fence
+from ..backends.base import unmap
 from ..core.window import BufferWindow
-from ..device import unmap
+from ..native.ffi import full_fence
 
 __all__ = ["MappedWindow", "check_span"]
 

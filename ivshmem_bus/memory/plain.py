@@ -28,10 +28,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import _ffi, pci
-from .._ffi import lib
+from ..backends.vfio import pci
+from ..backends.vfio.kernel import Container, Device, Group
 from ..errors import PciError, VfioError
-from ..vfio import Container, Device, Group
+from ..native import ffi as _ffi
+from ..native.ffi import lib
 from ._mapped import MappedWindow, check_span
 
 __all__ = ["PlainWindow"]

@@ -27,10 +27,10 @@ import bisect
 from dataclasses import dataclass
 from typing import Literal, Self
 
-from .._ffi import full_fence
+from ..backends.base import IvshmemDevice
 from ..core.window import BufferWindow, MemoryWindow
-from ..device import IvshmemDevice
 from ..errors import PoolExhausted
+from ..native.ffi import full_fence
 
 __all__ = [
     "ALIGN_AVAIL",
