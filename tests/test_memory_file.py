@@ -17,6 +17,7 @@ from ivshmem_bus.core.window import MemoryWindow
 from ivshmem_bus.errors import MemoryFileError, WindowError
 from ivshmem_bus.memory import open_window
 from ivshmem_bus.memory.file import FileWindow
+from ivshmem_bus.native import ffi
 
 ARM_RAM = 0x4000_0000  # Arm virt RAM base, the seed's mem-offset (linux-user-bus.md)
 
@@ -43,6 +44,8 @@ def test_addresses_are_file_offsets_plus_mem_offset(tmp_path: Path) -> None:
         assert isinstance(w, MemoryWindow)
         assert (w.base, w.size) == (ARM_RAM, 0x4000)
         assert w.name == f"file {path} (mem-offset 0x40000000)"
+        if ffi.HAVE_COMPILED:
+            assert w.fence == ffi.full_fence()
         assert bytes(w.view(ARM_RAM + 0x10, 4)) == file_bytes(path, 0x10, 4)
         w.view(ARM_RAM + 0x3FFC, 4)[:] = b"tail"
         w.store16(ARM_RAM + 0x100, 0xBEEF)

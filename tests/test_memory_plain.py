@@ -19,6 +19,7 @@ from ivshmem_bus.core.window import MemoryWindow
 from ivshmem_bus.errors import DeviceNotFound, PciError, VfioError, WindowError
 from ivshmem_bus.memory import open_window
 from ivshmem_bus.memory.plain import PlainWindow
+from ivshmem_bus.native import ffi
 
 from .fakesysfs import DOORBELL_BARS, PLAIN_BARS, FakeSysfs
 from .test_vfio import BAR2_OFF, BAR2_SIZE, FakeKernel
@@ -164,6 +165,8 @@ def test_vfio_when_bound_to_vfio_pci_and_resource2_untouched(
     assert not [p for p in opened if p.endswith("resource2")]  # never both on one function
     assert (w.via, w.size, w.base) == ("vfio", BAR2_SIZE, 0)
     assert w.name == f"ivshmem-plain {PLAIN} BAR2 (vfio)"
+    if ffi.HAVE_COMPILED:
+        assert w.fence == ffi.full_fence()
     w.view(0x10, 5)[:] = b"hello"
     w.store16(BAR2_SIZE - 2, 0xA55A)
     assert kernel.file(BAR2_OFF + 0x10, 5) == b"hello"  # the region, at region_info.offset

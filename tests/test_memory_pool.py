@@ -36,6 +36,7 @@ from ivshmem_bus.memory.pool import (
     QueueAreas,
     split_queue_sizes,
 )
+from ivshmem_bus.native import ffi
 
 
 def open_fds() -> set[int]:
@@ -66,6 +67,8 @@ def test_driver_writes_and_the_device_reads_the_same_bytes_at_the_same_addresses
         assert drv.name == "pool in fake ivshmem vmid 1 BAR2"
         assert devw.name == "pool in fake ivshmem vmid 2 BAR2"
         assert drv.allocator is not None and devw.allocator is None
+        if ffi.HAVE_COMPILED:  # the helper's StoreLoad fence, not the TSO no-op
+            assert drv.fence == devw.fence == ffi.full_fence()
         n = 256
         desc = drv.allocator.alloc(16 * n, ALIGN_DESC)
         avail = drv.allocator.alloc(4 + 2 * n + 2, ALIGN_AVAIL)
