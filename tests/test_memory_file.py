@@ -19,7 +19,7 @@ from ivshmem_bus.memory import open_window
 from ivshmem_bus.memory.file import FileWindow
 from ivshmem_bus.native import ffi
 
-ARM_RAM = 0x4000_0000  # Arm virt RAM base, the seed's mem-offset (linux-user-bus.md)
+ARM_RAM = 0x4000_0000  # Arm virt RAM base, mem-offset (docs/virtqueues.md §4)
 
 
 def open_fds() -> set[int]:

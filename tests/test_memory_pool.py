@@ -1,8 +1,8 @@
 """The pool in the doorbell device's BAR2: same addresses on both sides, queues out of reach.
 
 Golden numbers come from the contract, not the module: the two message queues are 4 KiB each
-at BAR2 0x0000 and 0x1000 (wire-format spec), so the pool starts at 0x2000; split virtqueue
-alignments are 16 (descriptors), 2 (available ring), 4 (used ring) (virtqueues.md table).
+at BAR2 0x0000 and 0x1000 (docs/wire-format.md §3), so the pool starts at 0x2000; split virtqueue
+alignments are 16 (descriptors), 2 (available ring), 4 (used ring) (docs/virtqueues.md §1).
 """
 
 from __future__ import annotations

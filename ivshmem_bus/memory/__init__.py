@@ -14,7 +14,8 @@ WINDOW                    kind                         driver address A is at
 anything else (a path)    ``file.FileWindow``          file offset A - mem-offset
 ========================  ===========================  ========================================
 
-A file whose name looks like a PCI address is named with a directory (``./00:11.0``).
+A file named ``pool`` or like a PCI address is given with a directory (``./pool``,
+``./00:11.0``). The kinds and their address rules are docs/virtqueues.md §4.
 """
 
 from __future__ import annotations

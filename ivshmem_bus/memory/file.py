@@ -2,7 +2,7 @@
 
 Three users: QEMU's ``memory-backend-file,share=on,mem-path=FILE`` (the driver machine's RAM,
 which the linux-user bus maps at ``mem-offset``: driver address A is at file offset
-A - mem-offset, linux-user-bus.md), a RAM file two host programs share, and the fake device's
+A - mem-offset, docs/virtqueues.md §4), a RAM file two host programs share, and the fake device's
 window in tests. The file is mapped MAP_SHARED and read-write, so stores reach the other side
 through the page cache at once; nothing is copied.
 

@@ -3,7 +3,7 @@
 The device-side guest gets a second 1af4:1110 function, ``ivshmem-plain`` (no BAR1, no
 MSI-X, no interrupt), whose memdev is the driver guest's ``memory-backend-file``: driver
 address A is at BAR2 offset A - mem-offset (0 on x86 q35 with RAM <= 2 GiB, 0x40000000 on Arm
-``virt``; virtqueues.md). Two ways reach BAR2, chosen by the function's *current* driver:
+``virt``; docs/virtqueues.md §4). Two ways reach BAR2, chosen by the function's *current* driver:
 
 - bound to vfio-pci: VFIO (container, group, device fd, BAR2 region mmap at the region's
   offset), the project's ``vfio`` module;
@@ -11,7 +11,7 @@ address A is at BAR2 offset A - mem-offset (0 on x86 q35 with RAM <= 2 GiB, 0x40
   (needs root).
 
 Never both on one function: once a VFIO user maps the BAR, the kernel revokes every sysfs
-``resource2`` mapping of it and the next access is SIGBUS (measured, vfio-notes.md). So the
+``resource2`` mapping of it and the next access is SIGBUS (measured, docs/vfio.md §11). So the
 choice is made once, from sysfs, and ``name`` says which ("... BAR2 (vfio)" or
 "... BAR2 (sysfs resource2)"). Binding the function to vfio-pci while a resource2 window is
 open revokes it the same way: close the window first.

@@ -1,6 +1,6 @@
 """A pool in the doorbell device's own BAR2, above the two message queues.
 
-BAR2 of the ivshmem-doorbell function carries the bus (wire-format spec): the driver queue at
+BAR2 of the ivshmem-doorbell function carries the bus (docs/wire-format.md §3): the driver queue at
 0x0000 and the device queue at 0x1000, 4 KiB each. Everything from ``POOL_OFFSET`` (0x2000,
 page aligned) to the end of BAR2 (rounded down to a 4 KiB page) is free for virtqueues and
 buffers: a Python driver talking to a Python device needs no second ivshmem function and no
