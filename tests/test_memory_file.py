@@ -185,6 +185,10 @@ def test_open_window_takes_a_path_and_a_bdf_lookalike_with_a_directory(tmp_path:
     odd.write_bytes(bytes(64))
     with open_window(str(odd)) as w:  # a path with a directory, not a PCI address
         assert isinstance(w, FileWindow)
+    named_pool = tmp_path / "pool"
+    named_pool.write_bytes(bytes(64))
+    with open_window(str(named_pool)) as w:  # a path, not the word "pool"
+        assert isinstance(w, FileWindow) and w.name == f"file {named_pool}"
 
 
 @settings(
