@@ -210,6 +210,18 @@ def test_vfio_failure_after_the_device_fd_closes_everything(tree: Tree, tmp_path
     assert open_fds() == before
 
 
+def test_vfio_bar2_without_mmap_is_refused_with_the_fix(tree: Tree, tmp_path: Path) -> None:
+    tree.plain(driver="vfio-pci", iommu_group=7)
+    tree.vfio_nodes()
+    kernel = FakeKernel(tmp_path, msix=0, intx=0)
+    kernel.regions[2] = (1 | 2, BAR2_SIZE, BAR2_OFF)  # READ | WRITE, no MMAP
+    before = open_fds()
+    with pytest.raises(VfioError, match=r"does not allow mmap of BAR2.*resource2") as info:
+        tree.open(ioctl=kernel)
+    assert info.value.errno == errno.EINVAL
+    assert open_fds() == before
+
+
 # Refusals ---------------------------------------------------------------------------------------
 
 

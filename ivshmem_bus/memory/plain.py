@@ -163,6 +163,13 @@ def _open_vfio(
         bar2 = device.region_info(lib.VFIO_PCI_BAR2_REGION_INDEX)
         if not bar2.size:
             raise PciError(f"{fn.bdf}: VFIO reports an empty BAR2: give the device a memdev")
+        if not bar2.mappable:
+            raise VfioError(
+                errno.EINVAL,
+                f"{fn.bdf}: VFIO does not allow mmap of BAR2 (no MMAP flag)",
+                fix="a memory window needs a mapping: see `dmesg` for vfio-pci's reason, or "
+                "unbind it from vfio-pci to use sysfs resource2",
+            )
         check_span(f"ivshmem-plain {fn.bdf}", mem_offset, bar2.size)
         mapping = device.map_region(bar2)  # MAP_SHARED at region_info.offset
         return cls(mapping, mem_offset, bdf=fn.bdf, via="vfio", on_close=close_all)
