@@ -199,6 +199,12 @@ class ServerClientDevice(IvshmemDevice):
         self.update()
         return set(self._peers)
 
+    def peer_vectors(self) -> dict[int, tuple[int, ...]]:
+        """Every other peer's eventfds (index = vector), in the order the server announced
+        the peers, after reading pending announcements: what ``ivshmem-client``'s dump lists."""
+        self.update()
+        return {peer: tuple(fds) for peer, fds in self._peers.items()}
+
     def fileno(self) -> int:
         """The server socket, for callers that want to watch announcements."""
         return -1 if self._sock is None else self._sock.fileno()
