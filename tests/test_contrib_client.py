@@ -240,7 +240,12 @@ def test_help_option_and_bad_options(tmp_path: Path) -> None:
 
 def test_default_socket_is_qemus(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[str] = []
-    monkeypatch.setattr(ivshmem_client, "run", lambda path, **_: seen.append(path) or 0)
+
+    def fake_run(path: str, **_: object) -> int:
+        seen.append(path)
+        return 0
+
+    monkeypatch.setattr(ivshmem_client, "run", fake_run)
     assert ivshmem_client.main([]) == 0
     assert seen == ["/tmp/ivshmem_socket"]
 
