@@ -8,6 +8,7 @@ text and the output formats are QEMU's (contrib/ivshmem-client/main.c), written 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import subprocess
 import time
@@ -246,7 +247,12 @@ def test_default_socket_is_qemus(monkeypatch: pytest.MonkeyPatch) -> None:
         return 0
 
     monkeypatch.setattr(ivshmem_client, "run", fake_run)
-    assert ivshmem_client.main([]) == 0
+    package_log = logging.getLogger("ivshmem_bus")
+    level = package_log.level
+    try:
+        assert ivshmem_client.main([]) == 0
+    finally:
+        package_log.setLevel(level)  # main() sets it; setLevel also clears the loggers' caches
     assert seen == ["/tmp/ivshmem_socket"]
 
 
