@@ -6,6 +6,7 @@ to this interpreter (not ``python -m``), so the ``[project.scripts]`` entries ar
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -39,11 +40,11 @@ def shm_name() -> Iterator[str]:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
-@pytest.fixture
-def subreaper() -> Iterator[list[int]]:
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[list[int]]:
     """Make this process the subreaper of its orphans, so a daemon that double-forked is
     our child again: we can read its exit status. Yields a list; every pid put in it is
-    killed (if still alive) and reaped at teardown."""
+    killed (if still alive) and reaped on the way out."""
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
     pids: list[int] = []
@@ -51,12 +52,20 @@ def subreaper() -> Iterator[list[int]]:
         yield pids
     finally:
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            try:  # only a child not yet reaped: its pid cannot have been reused
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # reaped already (wait_exit) or never adopted
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def subreaper() -> Iterator[list[int]]:
+    """``adopting_orphans`` for one test."""
+    with adopting_orphans() as pids:
+        yield pids
 
 
 def wait_exit(pid: int, timeout: float = 10.0) -> int:
