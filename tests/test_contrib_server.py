@@ -328,3 +328,30 @@ def test_socket_is_connectable_immediately(tmp_path: Path, subreaper: list[int],
         assert int.from_bytes(probe.recv(8), "little", signed=True) == 0  # version 0
     os.kill(pid, signal.SIGTERM)
     assert wait_exit(pid) == 0
+
+
+def test_ivshmem_bus_server_takes_the_seed_line_in_the_foreground(
+    tmp_path: Path, shm_name: str
+) -> None:
+    """``ivshmem-bus server`` gains -p and -M: the seed's line runs there too (foreground)."""
+    argv = [script("ivshmem-bus"), "server", *SEED_LINE, "-M", shm_name]
+    server = Expect(argv, cwd=tmp_path)
+    try:
+        server.expect(r"ivshmem server on shmpath: 1048576 bytes of shared memory, 1 vector")
+        assert (tmp_path / "pidfile").read_text() == f"{server.proc.pid}\n"
+        with ServerClientDevice(tmp_path / "shmpath") as dev:
+            assert len(dev.shmem) == 1 << 20
+        assert Path("/dev/shm", shm_name).stat().st_size == 1 << 20
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert not (tmp_path / "pidfile").exists() and not (tmp_path / "shmpath").exists()
+        assert Path("/dev/shm", shm_name).exists()  # -M there is a -m file: kept
+    finally:
+        server.kill()
+
+
+def test_ivshmem_bus_server_refuses_a_bad_m_name(tmp_path: Path) -> None:
+    result = subprocess.run([script("ivshmem-bus"), "server", "-S", "s", "-M", "a/b"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result
+    assert "a -M name is one path component" in result.stderr

@@ -128,8 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("-S", dest="socket", default="/tmp/ivshmem_socket", metavar="PATH")
     server.add_argument("-l", dest="size", default="4M", metavar="SIZE", help="e.g. 4M, 1G")
     server.add_argument("-n", dest="vectors", type=int, default=1, metavar="VECTORS")
-    server.add_argument("-m", "--shm", dest="shm", metavar="PATH", help="file to share")
+    memory = server.add_mutually_exclusive_group()
+    memory.add_argument("-m", "--shm", dest="shm", metavar="PATH", help="file to share")
+    memory.add_argument(
+        "-M", dest="shm_name", metavar="NAME",
+        help="POSIX shared-memory object /dev/shm/NAME, used as a -m file (kept at exit)",
+    )  # fmt: skip
     server.add_argument("-F", dest="foreground", action="store_true", help="foreground (default)")
+    server.add_argument("-p", dest="pid_file", metavar="PIDFILE", help="write our pid there")
     server.add_argument("--max-peers", type=int, default=64)
     server.add_argument(
         "--idle-exit",

@@ -7,6 +7,7 @@ parser and the exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import mmap
@@ -113,14 +114,18 @@ def _default_to_fake(args: argparse.Namespace) -> None:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from ..contrib.daemon import PidFile
+    from ..contrib.ivshmem_server import shm_object_path
     from ..server import IvshmemServer
 
     logging.getLogger("ivshmem_bus.server").setLevel(logging.INFO)
     stop = _stop_on_signals()
+    shm = shm_object_path(args.shm_name) if args.shm_name else args.shm  # QEMU's -M
+    pid_file = PidFile(args.pid_file) if args.pid_file else contextlib.nullcontext()
     with IvshmemServer(
-        args.socket, shm_size=args.size, shm_path=args.shm, vectors=args.vectors,
+        args.socket, shm_size=args.size, shm_path=shm, vectors=args.vectors,
         max_peers=args.max_peers,
-    ) as server:  # fmt: skip
+    ) as server, pid_file:  # fmt: skip
         print(
             f"ivshmem server on {server.socket_path}: {server.shm_size} bytes of shared "
             f"memory, {server.vectors} vector(s), up to {server.max_peers} peers",

@@ -16,9 +16,46 @@ import contextlib
 import os
 import sys
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "PidFile"]
 
 _OK, _ERROR = b"ok ", b"error "
+
+
+class PidFile:
+    """A pid file: ``"<pid>\\n"`` (QEMU's format), removed only while it still names us.
+    As a context manager: written on entry, removed on exit.
+
+    Args:
+        path: made absolute now, so a later chdir does not move it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._written = False
+
+    def write(self) -> None:
+        """Write this process's pid. Raises OSError."""
+        with open(self.path, "w", encoding="ascii") as out:
+            out.write(f"{os.getpid()}\n")
+        self._written = True
+
+    def __enter__(self) -> PidFile:
+        self.write()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove the file if we wrote it and it still names us (not a successor's)."""
+        if not self._written:
+            return
+        self._written = False
+        with contextlib.suppress(OSError):
+            with open(self.path, encoding="ascii") as pid_in:
+                if pid_in.read().strip() != str(os.getpid()):
+                    return
+            os.unlink(self.path)
 
 
 class Daemon:
@@ -29,9 +66,9 @@ class Daemon:
     """
 
     def __init__(self, pid_file: str) -> None:
-        self.pid_file = os.path.abspath(pid_file)
+        self.pid = PidFile(pid_file)
+        self.pid_file = self.pid.path
         self._report_fd = -1
-        self._pid_written = False
 
     def detach(self) -> None:
         """Fork twice; return only in the daemon. The calling process exits in here.
@@ -59,10 +96,8 @@ class Daemon:
             os.close(null)
 
     def write_pid_file(self) -> None:
-        """Write ``"<pid>\\n"`` (QEMU's format) to the pid file. Raises OSError."""
-        with open(self.pid_file, "w", encoding="ascii") as out:
-            out.write(f"{os.getpid()}\n")
-        self._pid_written = True
+        """Write the daemon's pid (``PidFile.write``). Raises OSError."""
+        self.pid.write()
 
     def ready(self, message: str) -> None:
         """Let the waiting parent exit 0, printing ``message`` on its stdout."""
@@ -73,15 +108,7 @@ class Daemon:
         self._report(_ERROR + message.encode())
 
     def remove_pid_file(self) -> None:
-        """Remove the pid file if we wrote it and it still names us (not a successor)."""
-        if not self._pid_written:
-            return
-        self._pid_written = False
-        with contextlib.suppress(OSError):
-            with open(self.pid_file, encoding="ascii") as pid_in:
-                if pid_in.read().strip() != str(os.getpid()):
-                    return
-            os.unlink(self.pid_file)
+        self.pid.remove()
 
     def close(self) -> None:
         """Close the pipe to the parent if it is still open (the parent then exits 1)."""

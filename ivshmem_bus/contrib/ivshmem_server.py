@@ -36,7 +36,7 @@ from ..server import ID_LIMIT, MAX_VECTORS, IvshmemServer, parse_size
 from ._cli import OneLineParser, fail, parse_uint
 from .daemon import Daemon
 
-__all__ = ["ServerOptions", "SharedMemory", "main", "parse_args"]
+__all__ = ["ServerOptions", "SharedMemory", "main", "parse_args", "shm_object_path"]
 
 PROG = "ivshmem-server"
 DEFAULT_PID_FILE = "/var/run/ivshmem-server.pid"
@@ -173,8 +173,8 @@ class SharedMemory:
     def __init__(self, options: ServerOptions) -> None:
         self.temporary = not options.use_shm_open
         if options.use_shm_open:
-            self.name = _shm_name(options.shm_path)
-            self.path = os.path.join(SHM_DIR, self.name)
+            self.path = shm_object_path(options.shm_path)
+            self.name = os.path.basename(self.path)
             flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
             try:
                 fd = os.open(self.path, flags, 0o600)
@@ -225,6 +225,15 @@ def _shm_name(name: str) -> str:
         msg = f"cannot open shm file {name}: a -M name is one path component, e.g. ivshmem"
         raise ServerError(msg, path=name)
     return stripped
+
+
+def shm_object_path(name: str) -> str:
+    """Where glibc's ``shm_open(name)`` puts a POSIX shared-memory object: /dev/shm/NAME.
+
+    Raises:
+        ServerError: ``name`` is not one path component (after leading slashes).
+    """
+    return os.path.join(SHM_DIR, _shm_name(name))
 
 
 def _truncate(fd: int, size: int, path: str) -> int:
