@@ -172,6 +172,7 @@ class SharedMemory:
 
     def __init__(self, options: ServerOptions) -> None:
         self.temporary = not options.use_shm_open
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) once opened
         if options.use_shm_open:
             self.path = shm_object_path(options.shm_path)
             self.name = os.path.basename(self.path)
@@ -190,7 +191,7 @@ class SharedMemory:
                 raise ServerError(msg, path=options.shm_path, errno=exc.errno) from None
         try:
             st = os.fstat(fd)
-            self._identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            self._identity = (st.st_dev, st.st_ino)
             if not stat.S_ISREG(st.st_mode):
                 raise ServerError(f"shm file {self.path} is not a regular file", path=self.path)
             self.size = _truncate(fd, options.shm_size, self.path)
@@ -254,7 +255,7 @@ def _truncate(fd: int, size: int, path: str) -> int:
 
 
 def _ready_line(server: IvshmemServer, shm: SharedMemory, pid: int) -> str:
-    where = f"{shm.name} (unnamed, in that directory)" if shm.temporary else shm.path
+    where = f"(an unnamed file in {shm.name})" if shm.temporary else shm.path
     return (
         f"{PROG}: pid {pid} serving {server.socket_path}: {server.shm_size} bytes of shared "
         f"memory {where}, {server.vectors} vector(s)"
@@ -322,5 +323,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return serve(options, stop)
     except (IvshmemBusError, OSError, ValueError) as exc:
-        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        fail(PROG, message)
+        fail(PROG, str(exc))
