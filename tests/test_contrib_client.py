@@ -12,7 +12,7 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +82,18 @@ def test_start_prints_qemus_help_prompt_and_socket(sock: Path) -> None:
         proc.kill()
 
 
+def dump_until(client: Expect, done: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """Send ``dump`` until its output satisfies ``done``: announcements travel on their own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client.send("dump\n")
+        dump = client.expect(r"our_id = \d+\n(?:.*\n)*?cmd> ")[0]
+        if done(dump):
+            return dump
+        assert time.monotonic() < deadline, dump
+        time.sleep(0.05)
+
+
 def test_dump_lists_itself_then_peers_in_join_order(
     sock: Path, peer: ServerClientDevice, client: Expect
 ) -> None:
@@ -90,14 +102,11 @@ def test_dump_lists_itself_then_peers_in_join_order(
         r"our_id = 1\n" + VECTOR_LINE.format(0) + VECTOR_LINE.format(1)
         + r"peer_id = 0\n" + VECTOR_LINE.format(0) + VECTOR_LINE.format(1) + r"cmd> "
     )  # fmt: skip
+    both = r"peer_id = 0\n(.*\n){2}peer_id = 2\n" + VECTOR_LINE.format(0) + VECTOR_LINE.format(1)
     with ServerClientDevice(sock, vectors=2):
-        time.sleep(0.2)  # the announcement reaches the client
-        client.send("dump\n")
-        client.expect(r"peer_id = 0\n(.*\n){2}peer_id = 2\n" + VECTOR_LINE.format(0))
-    time.sleep(0.2)
-    client.send("dump\n")
-    dump = client.expect(r"our_id = 1\n(.*\n)*?cmd> ")[0]
-    assert "peer_id = 2" not in dump and "peer_id = 0" in dump
+        dump_until(client, lambda text: re.search(both, text) is not None)  # in join order
+    dump = dump_until(client, lambda text: "peer_id = 2" not in text)
+    assert "our_id = 1\n" in dump and "peer_id = 0\n" in dump
 
 
 def test_int_peer_vector_rings_that_vector_only(peer: ServerClientDevice, client: Expect) -> None:
@@ -116,7 +125,7 @@ def test_int_all_rings_every_other_peer_not_itself(
     sock: Path, peer: ServerClientDevice, client: Expect
 ) -> None:
     with ServerClientDevice(sock, vectors=2) as second:  # id 2, after the client
-        time.sleep(0.2)
+        dump_until(client, lambda text: "peer_id = 2" in text)
         client.send("int all\n")
         assert fired(peer) == {0, 1} and fired(second) == {0, 1}
     assert "receive notification" not in client.rest()
