@@ -24,6 +24,7 @@ __all__ = [
     "PoolExhausted",
     "ProtocolError",
     "QueueCorrupt",
+    "QueueFull",
     "RemoteVmidError",
     "ServerClientError",
     "ServerError",
@@ -253,4 +254,26 @@ class PoolExhausted(IvshmemBusError, MemoryError):
             f"{pool}: no room for {size} byte(s) aligned to {align} (largest free extent "
             f"{largest} bytes): free buffers or queues, or give ivshmem a larger BAR2 "
             f"(QEMU size=, ivshmem-bus server -l)"
+        )
+
+
+class QueueFull(VirtqueueError):
+    """A driver's virtqueue has too few free descriptors for the chain asked for.
+
+    Not the peer's fault and the queue is *not* broken (a ``VirtqueueError`` subclass only so
+    that one ``except VirtqueueError`` covers every refusal of ``DriverQueue.add``): reap used
+    buffers, then add again.
+
+    Attributes:
+        needed: descriptors the chain needs.
+        free: descriptors free now.
+    """
+
+    def __init__(self, queue: int | None, needed: int, free: int) -> None:
+        self.needed = needed
+        self.free = free
+        super().__init__(
+            queue,
+            f"queue full: the chain needs {needed} descriptor(s), {free} free; "
+            f"reap used buffers (or use an indirect table) and add again",
         )

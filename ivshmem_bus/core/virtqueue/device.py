@@ -1,0 +1,437 @@
+"""The device side of a split virtqueue: pop available chains, push used elements, publish.
+
+Everything the driver wrote is hostile (the driver is another VM): avail.idx, every ring entry,
+every descriptor field, every indirect table. Each is range-checked before it is used; a chain
+is walked a bounded number of steps (at most N descriptors in the table, at most ``len / 16``
+in an indirect table), so a loop ends in an error, never in a hang; every buffer becomes a
+view through ``MemoryWindow.view``, which refuses any byte outside the window. The first bad
+value raises ``VirtqueueError`` and the queue is broken for good: the device sets
+DEVICE_NEEDS_RESET and keeps serving its other queues.
+
+Ordering (spec "Receiving Used Buffers" / "Supplying Buffers", device's mirror):
+
+- pop: load avail.idx (one 16-bit access), fence (acquire), then ring entries and descriptors;
+- publish: used elements, fence (release), store used.idx (one 16-bit access), fence
+  (StoreLoad), then read the driver's avail.flags / used_event to decide on EVENT_USED.
+
+A device loop is ``while (chain := q.pop()) is not None: ...; q.push(chain.head, n)`` then
+``if q.publish(): send EVENT_USED``. ``pop()`` returning ``None`` means "empty, and the driver
+will kick for the next chain" when notifications are enabled: with EVENT_IDX it writes
+avail_event and re-reads avail.idx after a full fence before saying so.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ...errors import VirtqueueError, WindowError
+from ..window import MemoryWindow
+from .layout import (
+    DESC,
+    IDX_OFF,
+    MAX_QUEUE_SIZE,
+    RING_HEADER,
+    U16,
+    USED_ELEM,
+    USED_ELEM_SIZE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    VirtqLayout,
+    vring_need_event,
+)
+
+__all__ = ["MAX_INDIRECT", "Chain", "DeviceQueue"]
+
+MAX_INDIRECT = MAX_QUEUE_SIZE
+"""The most descriptors an indirect table may hold (spec: no chain longer than the queue
+size allows; 32768 bounds the walk whatever the queue's size)."""
+
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE = VIRTQ_DESC_F_WRITE
+_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_FIX = "the driver wrote a corrupt virtqueue; reset the device to recover"
+
+
+@dataclass(slots=True)
+class Chain:
+    """One available descriptor chain, as the device sees it.
+
+    Attributes:
+        head: the chain's head descriptor index (what ``push`` returns to the driver).
+        readable: read-only views of the device-readable buffers, in chain order.
+        writable: writable views of the device-writable buffers, in chain order.
+
+    The views point into the shared window (zero-copy); they are valid until the chain is
+    pushed back. The driver may change the bytes under them at any time: copy what must not
+    change while it is parsed.
+    """
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+    def read_all(self) -> bytes:
+        """The readable buffers concatenated (one copy)."""
+        return b"".join(self.readable)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Fill the writable buffers in order from ``data``; returns the bytes written.
+
+        Writes ``min(len(data), writable_len)`` bytes: the value for ``push(head, written)``.
+        """
+        src = memoryview(data).cast("B")
+        total = len(src)
+        off = 0
+        for buf in self.writable:
+            n = min(len(buf), total - off)
+            if n <= 0:
+                break
+            buf[:n] = src[off : off + n]
+            off += n
+        return off
+
+
+class DeviceQueue:
+    """One split virtqueue, device role, over a memory window (sans-I/O).
+
+    Args:
+        window: the memory the driver's addresses resolve through.
+        index: the virtqueue index (names the queue in every error).
+        layout: where the driver put the queue (SET_VQUEUE); checked here.
+        event_idx: VIRTIO_F_EVENT_IDX was negotiated (used_event / avail_event replace flags).
+        indirect: VIRTIO_F_INDIRECT_DESC was negotiated (else an INDIRECT flag is refused).
+        base_idx: the index both rings start from (virtio: 0; vhost's SET_VRING_BASE). The
+            driver starts its rings at the same value.
+
+    Raises:
+        VirtqueueError: the layout fails ``VirtqLayout.check``.
+    """
+
+    def __init__(
+        self,
+        window: MemoryWindow,
+        index: int,
+        layout: VirtqLayout,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        base_idx: int = 0,
+    ) -> None:
+        layout.check(window, MAX_QUEUE_SIZE, queue=index)
+        self.index = index
+        self.layout = layout
+        self.broken = False
+        self._error: str | None = None
+        self._window = window
+        self._view = window.view
+        self._fence = window.fence
+        size = layout.size
+        self._size = size
+        self._mask = size - 1
+        self._event_idx = event_idx
+        self._indirect = indirect
+        desc_len, avail_len, used_len = layout.area_sizes(size)
+        self._desc = window.view(layout.desc_addr, desc_len)
+        self._avail = window.view(layout.avail_addr, avail_len)
+        self._used = window.view(layout.used_addr, used_len)
+        self._avail_flags_addr = layout.avail_addr
+        self._avail_idx_addr = layout.avail_addr + IDX_OFF
+        self._used_event_addr = layout.avail_addr + RING_HEADER + 2 * size
+        self._used_flags_addr = layout.used_addr
+        self._used_idx_addr = layout.used_addr + IDX_OFF
+        self._avail_event_addr = layout.used_addr + RING_HEADER + USED_ELEM_SIZE * size
+        base = base_idx & 0xFFFF
+        self._last_avail = base  # next ring index to pop
+        self._avail_seen = base  # avail.idx as last read (checked)
+        self._used_idx = base  # next used index to write
+        self._used_published = base  # used.idx as last stored
+        self._in_flight = 0  # popped, not yet pushed
+        self._notify = True  # we want EVENT_AVAIL
+        self._avail_event = -1  # avail_event as last stored (-1: never)
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def _break(self, reason: str) -> VirtqueueError:
+        """Mark the queue broken and return the error to raise."""
+        self.broken = True
+        if self._error is None:
+            self._error = reason
+        return VirtqueueError(self.index, f"{reason}: {_FIX}")
+
+    def _refuse_broken(self) -> VirtqueueError:
+        return VirtqueueError(
+            self.index, f"queue is broken ({self._error}); reset the device to use it again"
+        )
+
+    # -- the available ring -------------------------------------------------------------------
+
+    def _load_avail_idx(self) -> int:
+        """Read avail.idx once and check the jump; the only read of that word."""
+        idx = self._window.load16(self._avail_idx_addr)
+        if ((idx - self._last_avail) & 0xFFFF) > self._size:
+            raise self._break(
+                f"avail.idx jumped from {self._last_avail} to {idx}, more than the "
+                f"queue size {self._size}"
+            )
+        self._avail_seen = idx
+        return idx
+
+    def pending(self) -> int:
+        """Chains the driver made available that have not been popped (reads avail.idx).
+
+        Raises:
+            VirtqueueError: avail.idx moved by more than the queue size (the queue breaks).
+        """
+        if self.broken:
+            raise self._refuse_broken()
+        return (self._load_avail_idx() - self._last_avail) & 0xFFFF
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or ``None`` when there is none.
+
+        With notifications enabled and EVENT_IDX, ``None`` is returned only after avail_event
+        was set to the next index and avail.idx re-read after a full fence: the driver will
+        send EVENT_AVAIL for the next chain.
+
+        Raises:
+            VirtqueueError: a hostile ring entry, descriptor or avail.idx (reason names the
+                head and the field); the queue is then broken and every later pop raises.
+        """
+        if self.broken:
+            raise self._refuse_broken()
+        last = self._last_avail
+        if last == self._avail_seen:
+            if self._load_avail_idx() == last:
+                if not (self._notify and self._event_idx) or self._avail_event == last:
+                    return None
+                self._window.store16(self._avail_event_addr, last)
+                self._avail_event = last
+                self._fence()  # StoreLoad: avail_event before re-reading avail.idx
+                if self._load_avail_idx() == last:
+                    return None
+            self._fence()  # acquire: ring entries and descriptors after avail.idx
+        (head,) = U16.unpack_from(self._avail, RING_HEADER + 2 * (last & self._mask))
+        self._last_avail = (last + 1) & 0xFFFF
+        # The walk, inline (the data path): one descriptor read, one checked view per step;
+        # at most ``size`` steps, each one counted before ``next`` is followed.
+        size = self._size
+        if head >= size:
+            raise self._break(f"avail ring entry head={head} is out of range (queue size {size})")
+        desc = self._desc
+        view = self._view
+        unpack = DESC.unpack_from
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        i = head
+        count = 1
+        while True:
+            addr, length, flags, nxt = unpack(desc, i << 4)
+            if flags & _INDIRECT:
+                self._walk_indirect(head, i, addr, length, flags, readable, writable)
+                break
+            try:
+                buf = view(addr, length)
+            except WindowError:
+                raise self._break(
+                    f"chain head={head}: descriptor {i} addr=0x{addr:x} len={length} lies "
+                    f"outside {self._window.name}"
+                ) from None
+            if flags & _WRITE:
+                writable.append(buf)
+            elif writable:
+                raise self._break(
+                    f"chain head={head}: descriptor {i} is device-readable after a "
+                    f"device-writable one (flags=0x{flags:x})"
+                )
+            else:
+                readable.append(buf.toreadonly())
+            if not flags & _NEXT:
+                break
+            if count >= size:
+                raise self._break(
+                    f"chain head={head} is longer than the queue size {size} "
+                    f"(descriptor {i} next={nxt}: a loop)"
+                )
+            if nxt >= size:
+                raise self._break(
+                    f"chain head={head}: descriptor {i} next={nxt} is out of range "
+                    f"(queue size {size})"
+                )
+            i = nxt
+            count += 1
+        self._in_flight += 1
+        return Chain(head, readable, writable)
+
+    def _walk_indirect(
+        self,
+        head: int,
+        i: int,
+        addr: int,
+        length: int,
+        flags: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+    ) -> None:
+        """Append the buffers of the indirect table descriptor ``i`` points to."""
+        where = f"chain head={head}: descriptor {i}"
+        if not self._indirect:
+            raise self._break(
+                f"{where} has the INDIRECT flag but VIRTIO_F_INDIRECT_DESC was not negotiated"
+            )
+        if flags & _NEXT:
+            raise self._break(f"{where} has both INDIRECT and NEXT (flags=0x{flags:x})")
+        if length == 0 or length % 16:
+            raise self._break(
+                f"{where} indirect table len={length} is not a non-zero multiple of 16"
+            )
+        n = length >> 4
+        if n > MAX_INDIRECT:
+            raise self._break(
+                f"{where} indirect table of {n} descriptors is longer than {MAX_INDIRECT}"
+            )
+        view = self._view
+        try:
+            table = view(addr, length)
+        except WindowError:
+            raise self._break(
+                f"{where} indirect table addr=0x{addr:x} len={length} lies outside "
+                f"{self._window.name}"
+            ) from None
+        unpack = DESC.unpack_from
+        j = 0
+        count = 1
+        while True:
+            a, ln, f, nxt = unpack(table, j << 4)
+            if f & _INDIRECT:
+                raise self._break(
+                    f"{where}: indirect descriptor {j} is itself INDIRECT (a table in a table)"
+                )
+            try:
+                buf = view(a, ln)
+            except WindowError:
+                raise self._break(
+                    f"{where}: indirect descriptor {j} addr=0x{a:x} len={ln} lies outside "
+                    f"{self._window.name}"
+                ) from None
+            if f & _WRITE:
+                writable.append(buf)
+            elif writable:
+                raise self._break(
+                    f"{where}: indirect descriptor {j} is device-readable after a "
+                    f"device-writable one (flags=0x{f:x})"
+                )
+            else:
+                readable.append(buf.toreadonly())
+            if not f & _NEXT:
+                return
+            if count >= n:
+                raise self._break(
+                    f"{where}: the chain in the indirect table is longer than its {n} "
+                    f"descriptors (indirect descriptor {j} next={nxt}: a loop)"
+                )
+            if nxt >= n:
+                raise self._break(
+                    f"{where}: indirect descriptor {j} next={nxt} is out of range (table of {n})"
+                )
+            j = nxt
+            count += 1
+
+    # -- the used ring ------------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Write one used element (``head``, bytes ``written``); visible after ``publish``.
+
+        Raises:
+            ValueError: ``head`` out of range, ``written`` not a u32, or more pushes than pops
+                (the caller's bug, not the driver's).
+        """
+        if self._in_flight <= 0:
+            raise ValueError(f"virtqueue {self.index}: push without a popped chain to return")
+        if not 0 <= head < self._size:
+            raise ValueError(f"virtqueue {self.index}: head {head} is out of range")
+        used = self._used_idx
+        try:
+            USED_ELEM.pack_into(
+                self._used, RING_HEADER + USED_ELEM_SIZE * (used & self._mask), head, written
+            )
+        except struct.error:
+            raise ValueError(
+                f"virtqueue {self.index}: written length {written} is not a u32"
+            ) from None
+        self._used_idx = (used + 1) & 0xFFFF
+        self._in_flight -= 1
+
+    def publish(self) -> bool:
+        """Make the pushed elements visible (one store of used.idx); True: send EVENT_USED.
+
+        Without EVENT_IDX the driver wants the event unless avail.flags has NO_INTERRUPT; with
+        it, when used.idx passed used_event (``vring_need_event``). Nothing pushed since the
+        last publish: no store, False.
+        """
+        new = self._used_idx
+        old = self._used_published
+        if new == old:
+            return False
+        window = self._window
+        self._fence()  # release: used elements before used.idx
+        window.store16(self._used_idx_addr, new)
+        self._used_published = new
+        self._fence()  # StoreLoad: used.idx before reading the driver's suppression word
+        if self._event_idx:
+            return vring_need_event(window.load16(self._used_event_addr), new, old)
+        return not window.load16(self._avail_flags_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def set_notify(self, enabled: bool) -> bool:
+        """Ask the driver for (``True``) or not for EVENT_AVAIL; returns "chains are pending".
+
+        Without EVENT_IDX this sets or clears used.flags NO_NOTIFY; with it, enabling stores
+        avail_event = the next index to pop (disabling leaves it behind, so the driver stops
+        kicking). After enabling, a full fence and a fresh read of avail.idx: when this returns
+        True the driver may have skipped its kick, so the caller pops them now. Disabling
+        returns False without reading anything.
+
+        Raises:
+            VirtqueueError: (enabling) avail.idx jumped by more than the queue size.
+        """
+        if self.broken:
+            raise self._refuse_broken()
+        self._notify = enabled
+        window = self._window
+        if self._event_idx:
+            if not enabled:
+                return False
+            last = self._last_avail
+            window.store16(self._avail_event_addr, last)
+            self._avail_event = last
+        else:
+            window.store16(self._used_flags_addr, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
+            if not enabled:
+                return False
+        self._fence()  # StoreLoad: the suppression word before avail.idx
+        return self._load_avail_idx() != self._last_avail
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed."""
+        return self._in_flight
+
+    @property
+    def error(self) -> str | None:
+        """The first reason the queue broke, or ``None``."""
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "broken" if self.broken else f"last_avail={self._last_avail}"
+        return f"<DeviceQueue {self.index} size={self._size} {state}>"
