@@ -180,6 +180,7 @@ class DriverQueue:
         else:
             ids = free[-n:]
             del free[-n:]
+            ids.reverse()  # a fresh queue chains 0 -> 1 -> 2, as a reader expects
             head = ids[0]
             wlen = 0
             try:
