@@ -163,9 +163,10 @@ class VirtqLayout:
                 )
             try:
                 window.view(addr, length)
-            except WindowError as exc:
+            except WindowError:
                 raise VirtqueueError(
                     queue,
                     f"{name} ({length} bytes at 0x{addr:x}) lies outside {window.name} "
-                    f"(0x{window.base:x}, {window.size} bytes): {exc}",
+                    f"({window.size} bytes at 0x{window.base:x}): the driver must place the "
+                    f"queue inside the shared memory",
                 ) from None
