@@ -425,3 +425,70 @@ def test_hostile_used_ring_reap_returns_only_chains_in_flight(
         in_flight = len(wlen) - len(tokens)
         assert drv.in_flight == in_flight
         assert len(got) == used_idx  # a reap that did not raise took exactly used.idx
+
+
+# -- each hostile used-ring case, by hand ---------------------------------------------------
+
+
+def driver_with_two_chains() -> tuple[RawRings, DriverQueue]:
+    lay = VirtqLayout.packed_at(BASE, 4)
+    w = AuditWindow(bytearray(0x2000))
+    raw = RawRings(w.buf, BASE, 4, lay.desc_addr, lay.avail_addr, lay.used_addr)
+    drv = DriverQueue(w, 1, lay)
+    drv.add([(BASE + 0x1000, 4)], [(BASE + 0x1010, 16)], "a")  # head 0 (descriptors 0, 1)
+    drv.add([], [(BASE + 0x1020, 8)], "b")  # head 2 (the free list hands out 0, 1, 2)
+    drv.publish()
+    return raw, drv
+
+
+def reap_refused(drv: DriverQueue, match: str) -> None:
+    with pytest.raises(VirtqueueError, match=match) as info:
+        drv.reap()
+    assert str(info.value).startswith("virtqueue 1: ")
+    assert "the device wrote a corrupt used ring" in str(info.value)
+    assert drv.broken
+    with pytest.raises(VirtqueueError, match=r"queue is broken \("):
+        drv.reap()
+
+
+def test_reap_refuses_a_used_idx_jump_past_the_chains_published() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.used_idx = 3
+    reap_refused(drv, r"used.idx jumped from 0 to 3: 3 used elements but only 2 chain\(s\)")
+
+
+def test_reap_refuses_an_id_out_of_range() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.put_used_elem(0, 4, 0)
+    raw.used_idx = 1
+    reap_refused(drv, r"used ring entry 0: id=4 is out of range \(queue size 4\)")
+
+
+def test_reap_refuses_an_id_not_in_flight() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.put_used_elem(0, 1, 0)  # descriptor 1 is in flight, but not the head of a chain
+    raw.used_idx = 1
+    reap_refused(drv, r"used ring entry 0: id=1 is not a chain in flight")
+
+
+def test_reap_refuses_the_same_chain_twice() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.put_used_elem(0, 0, 0)
+    raw.put_used_elem(1, 0, 0)
+    raw.used_idx = 2
+    reap_refused(drv, r"used ring entry 1: id=0 is not a chain in flight")
+
+
+def test_reap_refuses_a_len_beyond_the_writable_bytes() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.put_used_elem(0, 0, 17)  # "a" has 16 writable bytes (its 4 readable do not count)
+    raw.used_idx = 1
+    reap_refused(drv, r"used ring entry 0: id=0 len=17 exceeds the chain's 16 writable bytes")
+
+
+def test_reap_accepts_exactly_the_writable_bytes() -> None:
+    raw, drv = driver_with_two_chains()
+    raw.put_used_elem(0, 2, 8)
+    raw.put_used_elem(1, 0, 16)
+    raw.used_idx = 2
+    assert drv.reap() == [("b", 8), ("a", 16)]
