@@ -396,3 +396,34 @@ def test_model_driver_and_device_lose_nothing(
     dev.publish()
     do_reap()
     assert expected == {} and drv.free == n and len(reaped) == next_token
+
+
+def test_publish_and_reap_order_their_accesses_around_fences() -> None:
+    lay = VirtqLayout.packed_at(BASE, 4)
+    w = AuditWindow(bytearray(0x2000))
+    raw = RawRings(w.buf, BASE, 4, lay.desc_addr, lay.avail_addr, lay.used_addr)
+    drv = DriverQueue(w, 0, lay)
+    drv.add([], [(BASE + 0x1000, 4)], "t")
+    w.reset_steps()
+    assert drv.publish() is True
+    assert w.log == [
+        ("fence", 0, 0),  # release: descriptor and ring entry before avail.idx
+        ("store16", lay.avail_addr + 2, 2),  # avail.idx, one 16-bit store
+        ("fence", 0, 0),  # StoreLoad before the device's suppression word
+        ("load16", lay.used_addr, 2),  # used.flags
+    ]
+    raw.put_used_elem(0, 0, 4)
+    raw.used_idx = 1
+    w.reset_steps()
+
+    def elements_read_after_fence() -> None:
+        # when the acquire fence runs, the element has not been consumed yet
+        assert drv.free == 3
+
+    w.on_fence = elements_read_after_fence
+    assert drv.reap() == [("t", 4)]
+    assert w.log == [
+        ("load16", lay.used_addr + 2, 2),  # used.idx, one 16-bit load
+        ("fence", 0, 0),  # acquire: the elements after used.idx
+        ("load16", lay.used_addr + 2, 2),  # anything more?
+    ]
