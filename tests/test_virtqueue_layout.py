@@ -7,6 +7,10 @@ offsets of virtq_desc, virtq_avail and virtq_used, and vring_need_event's formul
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -214,3 +218,37 @@ def test_vring_need_event_is_event_in_old_to_new(old: int, moved: int, event: in
     new = (old + moved) & 0xFFFF
     passed = {(old + k) & 0xFFFF for k in range(moved)}
     assert vring_need_event(event, new, old) is (event in passed)
+
+
+def test_the_virtqueue_core_imports_nothing_of_the_io_edge() -> None:
+    """Sans-I/O: in a fresh interpreter, importing it loads only the core and the stdlib."""
+    code = (
+        "import sys, json\nimport ivshmem_bus.core.virtqueue\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    io = {
+        *("backends", "bus", "transport", "aio", "device", "fake", "client", "vfio"),
+        *("vfio_device", "pci", "regs", "_ffi", "native", "server", "cli", "monitor", "demo"),
+    }  # the I/O layers, before and after the package's move into folders
+    ours = {m.split(".")[1] for m in loaded if m.startswith("ivshmem_bus.")}
+    assert not ours & io, ours & io
+    edge = {"cffi", "mmap", "select", "selectors", "socket", "fcntl", "asyncio", "pyudev"}
+    assert not loaded & edge, loaded & edge
+
+
+def test_release_drops_the_ring_views_so_the_buffer_can_be_resized() -> None:
+    lay = VirtqLayout.packed_at(0, 4)
+    buf = bytearray(lay.total_bytes)
+    w = BufferWindow(buf, 0)
+    drv, dev = DriverQueue(w, 0, lay), DeviceQueue(w, 0, lay)
+    drv.release()
+    dev.release()
+    dev.release()  # idempotent
+    w.release()
+    buf.extend(b"x")  # no view of it is left anywhere (a BufferError otherwise)
+    with pytest.raises(VirtqueueError, match=r"queue is broken \(released\)"):
+        dev.pop()
+    with pytest.raises(VirtqueueError, match=r"queue is broken \(released\)"):
+        drv.reap()

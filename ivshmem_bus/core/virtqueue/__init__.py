@@ -1,6 +1,7 @@
 """Split virtqueues (virtio 1.x, section 2.7), both roles, over a ``MemoryWindow``; sans-I/O.
 
 - ``layout``: the areas, their offsets and sizes, the spec's constants, ``vring_need_event``;
+- ``chain``: ``Chain``, one popped chain's buffers as views into the window;
 - ``device``: ``DeviceQueue`` pops hostile chains as zero-copy views, pushes and publishes;
 - ``driver``: ``DriverQueue`` adds chains, publishes, reaps a hostile used ring.
 
@@ -8,7 +9,8 @@ Nothing here does I/O: the transport turns ``publish()``'s "notify" answers into
 EVENT_USED messages, and the window's ``fence()`` is the only barrier used.
 """
 
-from .device import MAX_INDIRECT, Chain, DeviceQueue
+from .chain import Chain
+from .device import MAX_INDIRECT, DeviceQueue
 from .driver import DriverQueue
 from .layout import (
     MAX_QUEUE_SIZE,

@@ -23,10 +23,10 @@ avail_event and re-reads avail.idx after a full fence before saying so.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ...errors import VirtqueueError, WindowError
 from ..window import MemoryWindow
+from .chain import Chain
 from .layout import (
     DESC,
     IDX_OFF,
@@ -54,53 +54,6 @@ _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
 _INDIRECT = VIRTQ_DESC_F_INDIRECT
 _FIX = "the driver wrote a corrupt virtqueue; reset the device to recover"
-
-
-@dataclass(slots=True)
-class Chain:
-    """One available descriptor chain, as the device sees it.
-
-    Attributes:
-        head: the chain's head descriptor index (what ``push`` returns to the driver).
-        readable: read-only views of the device-readable buffers, in chain order.
-        writable: writable views of the device-writable buffers, in chain order.
-
-    The views point into the shared window (zero-copy); they are valid until the chain is
-    pushed back. The driver may change the bytes under them at any time: copy what must not
-    change while it is parsed.
-    """
-
-    head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
-
-    def read_all(self) -> bytes:
-        """The readable buffers concatenated (one copy)."""
-        return b"".join(self.readable)
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Fill the writable buffers in order from ``data``; returns the bytes written.
-
-        Writes ``min(len(data), writable_len)`` bytes: the value for ``push(head, written)``.
-        """
-        src = memoryview(data).cast("B")
-        total = len(src)
-        off = 0
-        for buf in self.writable:
-            n = min(len(buf), total - off)
-            if n <= 0:
-                break
-            buf[:n] = src[off : off + n]
-            off += n
-        return off
 
 
 class DeviceQueue:
@@ -431,6 +384,16 @@ class DeviceQueue:
     def error(self) -> str | None:
         """The first reason the queue broke, or ``None``."""
         return self._error
+
+    def release(self) -> None:
+        """Drop the ring views (before the window's owner closes its mapping); idempotent.
+
+        The queue is unusable afterwards. Views handed out in chains are the caller's.
+        """
+        for area in (self._desc, self._avail, self._used):
+            area.release()
+        self.broken = True
+        self._error = self._error or "released"
 
     def __repr__(self) -> str:
         state = "broken" if self.broken else f"last_avail={self._last_avail}"

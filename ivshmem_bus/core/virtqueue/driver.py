@@ -385,6 +385,16 @@ class DriverQueue:
         """The first reason the queue broke, or ``None``."""
         return self._error
 
+    def release(self) -> None:
+        """Drop the ring views (before the window's owner closes its mapping); idempotent.
+
+        The queue is unusable afterwards.
+        """
+        for area in (self._desc, self._avail, self._used):
+            area.release()
+        self.broken = True
+        self._error = self._error or "released"
+
     def __repr__(self) -> str:
         state = "broken" if self.broken else f"free={len(self._free)}"
         return f"<DriverQueue {self.index} size={self._size} {state}>"
