@@ -208,8 +208,9 @@ def test_set_notify_with_event_idx_writes_avail_event_not_flags() -> None:
     _, _, raw, dev = setup(event_idx=True)
     assert dev.set_notify(False) is False
     assert raw.used_flags == 0  # flags stay 0 with EVENT_IDX
+    assert raw.avail_event == 0xFFFF  # just behind the next index: as far as can be
     assert dev.pop() is None  # notifications disabled: no store
-    assert raw.avail_event == 0
+    assert raw.avail_event == 0xFFFF
     raw.put_desc(0, data(0), 4, 0, 0)
     raw.offer(0)
     raw.offer(0)

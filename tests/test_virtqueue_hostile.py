@@ -64,7 +64,7 @@ def refused(dev: DeviceQueue, match: str) -> None:
 def test_head_out_of_range() -> None:
     _, raw, dev = device()
     raw.offer(8)
-    refused(dev, r"avail ring entry head=8 is out of range \(queue size 8\)")
+    refused(dev, r"avail ring entry 0 head=8 is out of range \(queue size 8\)")
 
 
 def test_next_out_of_range() -> None:
@@ -229,7 +229,7 @@ def test_a_broken_queue_does_not_stop_the_others() -> None:
     raws[0].offer(99)
     raws[1].put_desc(0, BASE + 0x2000, 4, 0, 0)
     raws[1].offer(0)
-    with pytest.raises(VirtqueueError, match="virtqueue 0: avail ring entry head=99"):
+    with pytest.raises(VirtqueueError, match="virtqueue 0: avail ring entry 0 head=99"):
         devs[0].pop()
     chain = devs[1].pop()
     assert chain is not None and not devs[1].broken

@@ -181,7 +181,9 @@ class DeviceQueue:
         # at most ``size`` steps, each one counted before ``next`` is followed.
         size = self._size
         if head >= size:
-            raise self._break(f"avail ring entry head={head} is out of range (queue size {size})")
+            raise self._break(
+                f"avail ring entry {last} head={head} is out of range (queue size {size})"
+            )
         desc = self._desc
         view = self._view
         unpack = DESC.unpack_from
@@ -350,10 +352,10 @@ class DeviceQueue:
         """Ask the driver for (``True``) or not for EVENT_AVAIL; returns "chains are pending".
 
         Without EVENT_IDX this sets or clears used.flags NO_NOTIFY; with it, enabling stores
-        avail_event = the next index to pop (disabling leaves it behind, so the driver stops
-        kicking). After enabling, a full fence and a fresh read of avail.idx: when this returns
-        True the driver may have skipped its kick, so the caller pops them now. Disabling
-        returns False without reading anything.
+        avail_event = the next index to pop, disabling moves it to the index just behind (the
+        farthest the driver can be from reaching it). After enabling, a full fence and a fresh
+        read of avail.idx: when this returns True the driver may have skipped its kick, so the
+        caller pops them now. Disabling returns False without reading anything.
 
         Raises:
             VirtqueueError: (enabling) avail.idx jumped by more than the queue size.
@@ -363,11 +365,11 @@ class DeviceQueue:
         self._notify = enabled
         window = self._window
         if self._event_idx:
+            event = self._last_avail if enabled else (self._last_avail - 1) & 0xFFFF
+            window.store16(self._avail_event_addr, event)
+            self._avail_event = event
             if not enabled:
                 return False
-            last = self._last_avail
-            window.store16(self._avail_event_addr, last)
-            self._avail_event = last
         else:
             window.store16(self._used_flags_addr, 0 if enabled else VIRTQ_USED_F_NO_NOTIFY)
             if not enabled:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from ...errors import QueueFull, VirtqueueError
 from ..window import MemoryWindow
+from .device import MAX_INDIRECT
 from .layout import (
     DESC,
     DESC_SIZE,
@@ -147,8 +148,9 @@ class DriverQueue:
         Raises:
             QueueFull: fewer free descriptors than the chain needs (one with
                 ``indirect_table``, else one per buffer); nothing was changed.
-            ValueError: no buffers, a length or address that does not fit its field, an
-                indirect table without the feature or too small.
+            ValueError: no buffers, more buffers than the queue (or an indirect table) can
+                ever hold, a length or address that does not fit its field, an indirect
+                table without the feature or too small.
             VirtqueueError: the queue is broken.
         """
         if self.broken:
@@ -160,6 +162,11 @@ class DriverQueue:
         free = self._free
         if indirect_table is not None:
             return self._add_indirect(readable, writable, token, indirect_table)
+        if n > self._size:
+            raise ValueError(
+                f"virtqueue {self.index}: a chain of {n} buffers never fits a queue of "
+                f"{self._size} descriptors: use an indirect table or fewer buffers"
+            )
         if len(free) < n:
             raise QueueFull(self.index, n, len(free))
         pack = DESC.pack_into
@@ -212,6 +219,11 @@ class DriverQueue:
         taddr, tlen = table
         nr = len(readable)
         n = nr + len(writable)
+        if n > MAX_INDIRECT:
+            raise ValueError(
+                f"virtqueue {self.index}: {n} buffers exceed the {MAX_INDIRECT} an indirect "
+                f"table may hold"
+            )
         if tlen < DESC_SIZE * n:
             raise ValueError(
                 f"virtqueue {self.index}: indirect table of {tlen} bytes is too small for "
