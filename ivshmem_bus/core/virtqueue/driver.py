@@ -123,6 +123,7 @@ class DriverQueue:
         self._chains: list[list[int] | None] = [None] * size
         self._wlen: list[int] = [0] * size
         self._tokens: list[object] = [None] * size
+        self._in_flight = 0
 
     # -- adding -------------------------------------------------------------------------------
 
@@ -252,6 +253,7 @@ class DriverQueue:
         self._chains[head] = ids
         self._wlen[head] = wlen
         self._tokens[head] = token
+        self._in_flight += 1
         idx = self._avail_idx
         U16.pack_into(self._avail, RING_HEADER + 2 * (idx & self._mask), head)
         self._avail_idx = (idx + 1) & 0xFFFF
@@ -358,6 +360,7 @@ class DriverQueue:
             free.extend(ids)
             out.append((tokens[head], length))
             tokens[head] = None
+            self._in_flight -= 1
 
     def set_interrupts(self, enabled: bool) -> bool:
         """Ask the device for (``True``) or not for EVENT_USED; returns "used elements wait".
@@ -390,7 +393,7 @@ class DriverQueue:
     @property
     def in_flight(self) -> int:
         """Chains added and not yet reaped."""
-        return sum(c is not None for c in self._chains)
+        return self._in_flight
 
     @property
     def error(self) -> str | None:
