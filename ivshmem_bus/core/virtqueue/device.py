@@ -47,8 +47,10 @@ from .layout import (
 __all__ = ["MAX_INDIRECT", "Chain", "DeviceQueue"]
 
 MAX_INDIRECT = MAX_QUEUE_SIZE
-"""The most descriptors an indirect table may hold (spec: no chain longer than the queue
-size allows; 32768 bounds the walk whatever the queue's size)."""
+"""The most descriptors one indirect table may hold: 32768, the largest queue size.
+
+Drivers do write tables longer than their queue (Linux, for a request of many segments), so
+the bound is not the queue's size; it only keeps one pop's walk short, whatever the table."""
 
 _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
