@@ -122,8 +122,12 @@ class BufferWindow:
         return off
 
     def view(self, addr: int, length: int) -> memoryview:
-        off = self.offset(addr, length)
-        return self._mv[off : off + length]
+        # offset() inlined: this is once per descriptor on the data path
+        off = addr - self._base
+        end = off + length
+        if length < 0 or off < 0 or end > len(self._mv):
+            raise WindowError(self._name, addr, length)
+        return self._mv[off:end]
 
     def load16(self, addr: int) -> int:
         off = self.offset(addr, 2)
