@@ -19,8 +19,9 @@ Nothing here imports ``ivshmem_bus``: the harness drives it only from the outsid
 the host, its code inside the guests), so a broken library cannot break the harness.
 """
 
-from .assets import Assets, AssetsMissing, find_assets, setup
+from .assets import Assets, AssetsMissing, find_assets
 from .machine import Cluster, Guest, GuestError, GuestTimeout, Job, Result, ServerProcess
+from .setup import setup
 
 __all__ = [
     "Assets",

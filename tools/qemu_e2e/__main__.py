@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 
-from .assets import REPO, AssetsMissing, setup
+from .assets import REPO, AssetsMissing
 from .machine import IVSHMEM_BDF, MODES, Cluster, GuestError, single_guest
+from .setup import setup
 
 
 def _print_result(res) -> None:

@@ -24,7 +24,6 @@ import shutil
 import stat
 import struct
 import subprocess
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,21 +397,3 @@ def fetch_kernel(cache: Path = CACHE) -> str:
         tmp.rename(kdir)
     (cache / "kernel" / "current").write_text(kver + "\n")
     return kver
-
-
-def setup(cache: Path = CACHE, *, noiommu: bool = False) -> Assets:
-    """Install and build whatever is missing; return the assets. Needs root for apt."""
-    t0 = time.monotonic()
-    apt_install(HOST_PACKAGES)
-    kver = _current_kver(cache)
-    try:
-        find_assets(cache)
-    except AssetsMissing:
-        kver = fetch_kernel(cache)
-    if noiommu and kver and noiommu_modules(cache, kver) is None:
-        from .noiommu import build_noiommu_vfio
-
-        build_noiommu_vfio(cache, kver)
-    assets = find_assets(cache)
-    log(f"assets ready in {time.monotonic() - t0:.1f} s: kernel {assets.kver}, {assets.accel}")
-    return assets
