@@ -21,8 +21,9 @@ Don't subclass these: the codec's tables key on the exact class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import ClassVar, TypeVar, dataclass_transform
 
 __all__ = [
     "BusEventDevice",
@@ -108,7 +109,7 @@ class Message:
     EVENT: ClassVar[bool] = False
     # Field name -> bit width, for the range checks; bytes fields are listed in _BYTES.
     _WIDTHS: ClassVar[dict[str, int]] = {}
-    _BYTES: ClassVar[dict[str, int]] = {}  # bytes field -> the int field that is its length
+    _BYTES: ClassVar[dict[str, str]] = {}  # bytes field -> the int field that is its length
 
     dev_num: int = 0
     token: int = 0
@@ -148,17 +149,23 @@ class Message:
         }
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+# dataclass_transform: type checkers see each decorated class as the frozen dataclass it is, so
+# ``GetFeatures(index=0, num=2)`` type-checks (its base's dev_num/token stay keyword-only).
+@dataclass_transform(frozen_default=True)
 def _msg(
     msg_id: int,
     *,
     response: bool = False,
     bus: bool = False,
     widths: dict[str, int] | None = None,
-    sized: dict[str, int] | None = None,
-):
+    sized: dict[str, str] | None = None,
+) -> Callable[[type[_M]], type[_M]]:
     """Class decorator: a frozen slotted message with its wire identity and field checks."""
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type[_M]) -> type[_M]:
         cls.MSG_ID = msg_id
         cls.RESPONSE = response
         cls.BUS = bus
