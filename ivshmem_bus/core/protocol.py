@@ -27,7 +27,7 @@ import dataclasses
 import operator
 import struct
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ..errors import ProtocolError
 from . import messages as m
@@ -78,7 +78,9 @@ def _pack_tail(tail: _Tail, msg: Message, profile: str) -> bytes:
     return value.ljust(tail.padded, b"\0") if tail.padded else value
 
 
-def _unpack_tail(tail: _Tail, values: dict, rest: memoryview, msg_id: int) -> None:
+def _unpack_tail(
+    tail: _Tail, values: dict[str, Any], rest: bytes | bytearray | memoryview, msg_id: int
+) -> None:
     count = values[tail.count]
     if count > tail.limit:
         raise ProtocolError(msg_id, f"{tail.count} {count} exceeds the maximum {tail.limit}")
@@ -312,8 +314,9 @@ def _positional_builder(
     ns: dict[str, object] = {
         "new": object.__new__,
         "cls": cls,
-        "set_dev": cls.dev_num.__set__,  # type: ignore[attr-defined]
-        "set_token": cls.token.__set__,  # type: ignore[attr-defined]
+        # the slot descriptors (mypy reads a slot on the class as a class-variable access)
+        "set_dev": cls.dev_num.__set__,  # type: ignore[attr-defined,misc]
+        "set_token": cls.token.__set__,  # type: ignore[attr-defined,misc]
     }
     body = ["    msg = new(cls)"]
     if layout.names:
