@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from . import messages as m
 from .messages import Message
@@ -70,16 +70,16 @@ class _Layout:
 
     @property
     def absent_defaults(self) -> tuple[tuple[str, object], ...]:
-        return _absent_defaults(self.cls, self.absent)
+        return _absent_defaults(self)
 
 
-@functools.cache
-def _absent_defaults(cls: type[Message], absent: tuple[str, ...]) -> tuple[tuple[str, object], ...]:
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
-    return tuple((name, fields[name]) for name in absent)
+@functools.cache  # keyed on the layout (hashed by identity): one computation per layout
+def _absent_defaults(layout: _Layout) -> tuple[tuple[str, object], ...]:
+    fields = {f.name: f.default for f in dataclasses.fields(layout.cls)}
+    return tuple((name, fields[name]) for name in layout.absent)
 
 
-def _L(cls: type[Message], fmt: str = "", names: str = "", **kw) -> _Layout:
+def _L(cls: type[Message], fmt: str = "", names: str = "", **kw: Any) -> _Layout:
     return _Layout(cls, struct.Struct("<" + fmt), tuple(names.split()), **kw)
 
 
