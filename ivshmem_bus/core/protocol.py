@@ -298,7 +298,7 @@ _BUILDERS: dict[type, Callable[[dict[str, object]], Message]] = {}
 
 
 def _is_byte_view(data: object) -> bool:
-    return type(data) is memoryview and data.format == "B" and data.ndim == 1  # type: ignore[attr-defined]
+    return type(data) is memoryview and data.format == "B" and data.ndim == 1
 
 
 def _positional_builder(
