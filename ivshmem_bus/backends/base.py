@@ -17,11 +17,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import mmap
 import os
 import select
 import time
 from collections.abc import Callable, Sequence
-from typing import final
+from typing import Self, final
 
 from ..core.queue import BlockCopier
 from ..core.regs import Bar0, doorbell_value
@@ -36,6 +37,7 @@ class IvshmemDevice(abc.ABC):
     idempotent and releases everything the backend owns."""
 
     regs: Bar0
+    _epoll: select.epoll | None = None  # made by _poller, closed by close_poller
 
     # Methods ----------------------------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class IvshmemDevice(abc.ABC):
         """One epoll over the vector fds, kept for the device's life (a new selector per
         wait cost ~7 us per wake-up). Backends make it when they finish opening and close it
         with ``close_poller`` from their ``close``."""
-        poller = getattr(self, "_epoll", None)
+        poller = self._epoll
         if poller is None:
             poller = select.epoll()
             for fd in self.vector_fds():
@@ -107,7 +109,7 @@ class IvshmemDevice(abc.ABC):
 
     def close_poller(self) -> None:
         """Close the epoll ``wait`` keeps; every backend's ``close`` calls this."""
-        poller = getattr(self, "_epoll", None)
+        poller = self._epoll
         if poller is not None:
             self._epoll = None
             poller.close()
@@ -184,7 +186,7 @@ class IvshmemDevice(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,7 +220,7 @@ class IvshmemDevice(abc.ABC):
         return f"<{type(self).__name__} {self.name}>"
 
 
-def unmap(mapping, owner: str) -> None:
+def unmap(mapping: mmap.mmap, owner: str) -> None:
     """Close a backend's mmap at close time. A caller may still hold a view of it (an mmap
     with exports cannot close): then the mapping goes when that view does, and we say so."""
     try:
