@@ -72,7 +72,7 @@ def _open(path: str, what: str, fix: str) -> int:
             hint = "needs root (noiommu groups also need CAP_SYS_RAWIO)"
         else:
             hint = exc.strerror or ""
-        raise VfioError(exc.errno, f"opening {what} {path}", fix=hint) from None
+        raise VfioError(exc.errno or errno.EIO, f"opening {what} {path}", fix=hint) from None
 
 
 def _close_fd(holder: Any, attr: str = "fd") -> None:
@@ -267,7 +267,7 @@ class Device:
             if info.argsz > _MAX_INFO:
                 raise VfioError(errno.EOVERFLOW, f"{what}: argsz {info.argsz} is implausible")
             extra = info.argsz - ffi.sizeof("struct vfio_region_info")
-        sparse = ()
+        sparse: tuple[tuple[int, int], ...] = ()
         if info.flags & lib.VFIO_REGION_INFO_FLAG_CAPS and info.cap_offset:
             sparse = _sparse_areas(buf, info.cap_offset, what)
         return RegionInfo(index, info.flags, info.size, info.offset, sparse)
@@ -284,7 +284,7 @@ class Device:
         try:
             m = mmap.mmap(self.fd, region.size, mmap.MAP_SHARED, prot, offset=region.offset)
         except OSError as exc:
-            raise VfioError(exc.errno, f"mmap of region {region.index} of {self.bdf}") from None
+            raise VfioError(exc.errno or errno.EIO, f"mmap of region {region.index} of {self.bdf}") from None
         self._maps.append(m)
         return m
 
