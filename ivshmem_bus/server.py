@@ -466,14 +466,18 @@ class IvshmemServer:
             elif key.data is _WAKEUP:
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self._wake_fd)
-            elif self._clients.get(key.data.peer_id) is not key.data:
-                continue  # dropped earlier in this round
-            elif mask & selectors.EVENT_READ:
-                self._on_readable(key.data)
             else:
-                reason = self._flush(key.data)
-                if reason is not None:
-                    self._drop([(key.data.peer_id, reason)])
+                self._on_client(key.data, mask)
+
+    def _on_client(self, client: _Client, mask: int) -> None:
+        if self._clients.get(client.peer_id) is not client:
+            return  # dropped earlier in this round
+        if mask & selectors.EVENT_READ:
+            self._on_readable(client)
+        else:
+            reason = self._flush(client)
+            if reason is not None:
+                self._drop([(client.peer_id, reason)])
 
     def _accept(self) -> None:
         assert self._listener is not None and self._selector is not None
