@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from ..errors import IvshmemBusError
 
@@ -41,7 +42,7 @@ def _group_label(fn, dev_root: str) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from ..backends.vfio import pci
 
-    rows = []
+    rows: list[dict[str, Any]] = []  # the --json objects; the table formats the same values
     for fn in pci.list_ivshmem(args.sysfs):
         vmid, why = _read_vmid(fn, args)
         rows.append(
