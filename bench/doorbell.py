@@ -9,6 +9,7 @@ run of messages sent back to back.
 from __future__ import annotations
 
 import array
+import functools
 import mmap
 import os
 import select
@@ -184,11 +185,12 @@ def case_doorbell(cfg: Config) -> list[dict[str, Any]]:
     out = []
     n = cfg.count("doorbell.wake")
     units = {**LATENCY_UNITS, "ring_call_us": "us"}
-    if cfg.binary is not None:
+    binary = cfg.binary
+    if binary is not None:
         nc = cfg.count("rtt.c")
 
         def c_oneway() -> dict[str, float]:
-            _, oneway = c_pingpong_run(cfg.binary, "efd", nc)
+            _, oneway = c_pingpong_run(binary, "efd", nc)
             return percentiles_us(oneway)
 
         # The eventfd ping-pong of the rtt case measured these already, in the same processes.
@@ -236,7 +238,7 @@ def case_doorbell(cfg: Config) -> list[dict[str, Any]]:
     ):
         if coalesce and not _ffi.HAVE_COMPILED:
             continue  # coalescing needs the helper's fence
-        runs = cfg.repeat(lambda coalesce=coalesce: burst_run(nb, coalesce))
+        runs = cfg.repeat(functools.partial(burst_run, nb, coalesce))
         out.append(
             record(
                 rid,

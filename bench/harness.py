@@ -354,7 +354,7 @@ class Config:
         """``runs`` results of ``fn()``. With ``wait_quiet``, each run first waits for a quiet
         machine, and a run that other processes disturbed is done again (up to ``runs`` more
         times in all)."""
-        out = []
+        out: list[Any] = []
         retries = 0
         while len(out) < self.runs:
             if self.wait_quiet:

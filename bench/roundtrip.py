@@ -9,6 +9,7 @@ QEMU's ~1 ms deadline on the driver side is checked against.
 from __future__ import annotations
 
 import array
+import functools
 import os
 import subprocess
 import tempfile
@@ -123,8 +124,9 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
     out = []
     n = cfg.count("rtt.python")
     nc = cfg.count("rtt.c")
-    if cfg.binary is not None:
-        runs = cfg.repeat(lambda: c_pingpong_run(cfg.binary, "spin", nc)[0])
+    binary = cfg.binary
+    if binary is not None:
+        runs = cfg.repeat(lambda: c_pingpong_run(binary, "spin", nc)[0])
         out.append(
             record(
                 "rtt.c.spin",
@@ -139,10 +141,10 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
     if _ffi.HAVE_COMPILED:  # coalescing needs the helper's fence
         label = "Python request, busy-poll, coalesce=True (no doorbell)"
         out.append(_python_rtt(cfg, n, "busy-poll", label, coalesce=True))
-    if cfg.binary is not None:
+    if binary is not None:
 
         def c_efd() -> dict[str, float]:
-            rtt, oneway = c_pingpong_run(cfg.binary, "efd", nc)
+            rtt, oneway = c_pingpong_run(binary, "efd", nc)
             cfg.c_oneway.append(percentiles_us(oneway))
             return rtt
 
@@ -206,6 +208,7 @@ def flood_run(spin: float, window: int, count: int) -> dict[str, float]:
                 times[received] = clock() - sent_at[received]
                 received += 1
             end = clock()
+            assert data is not None  # the loop ends on a received response
             last = p.decode(data, PROFILE)
             tx.release()
             rx.release()
@@ -227,7 +230,7 @@ def case_flood(cfg: Config) -> list[dict[str, Any]]:
     out = []
     for window in FLOOD_WINDOWS:
         for mode, spin in RTT_MODES.items():
-            runs = cfg.repeat(lambda spin=spin, window=window: flood_run(spin, window, n))
+            runs = cfg.repeat(functools.partial(flood_run, spin, window, n))
             out.append(
                 record(
                     f"flood.{mode}.w{window}",

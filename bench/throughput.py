@@ -8,6 +8,7 @@ sample their RSS over their second half: a leak shows as growth per message.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
 from pathlib import Path
@@ -204,9 +205,7 @@ def case_raw(cfg: Config) -> list[dict[str, Any]]:
                 ("c", "C reference (put/get, acquire/release)", 0),
                 ("c-block", "C reference, block copies", block_size(slots)),
             ):
-                runs = cfg.repeat(
-                    lambda n=n, size=size, batch=batch: raw_c_run(cfg.binary, size, n, batch)
-                )
+                runs = cfg.repeat(functools.partial(raw_c_run, cfg.binary, size, n, batch))
                 out.append(
                     record(
                         f"raw.{qname}.{rid}",
@@ -234,9 +233,7 @@ def case_raw(cfg: Config) -> list[dict[str, Any]]:
             batch = {"per-call": 1, "batch": block_size(slots), "batch-py": block_size(slots)}.get(
                 api, batch_size(slots)
             )
-            runs = cfg.repeat(
-                lambda n=n, size=size, api=api, batch=batch: raw_python_run(size, api, n, batch)
-            )
+            runs = cfg.repeat(functools.partial(raw_python_run, size, api, n, batch))
             out.append(
                 record(
                     f"raw.{qname}.{api}",
