@@ -26,11 +26,14 @@ __all__ = [
     "INTRMASK",
     "INTRSTATUS",
     "IVPOSITION",
+    "MAX_PEER",
+    "PEER_IDS",
     "Bar0",
     "MmapWords",
     "PreadWords",
     "WordIO",
     "doorbell_value",
+    "is_peer_id",
 ]
 
 INTRMASK = 0x00
@@ -39,8 +42,17 @@ IVPOSITION = 0x08
 DOORBELL = 0x0C
 BAR0_SIZE = 256
 
+# A peer id (VMID, IVPosition) travels in Doorbell bits 31..16: this is the one place that
+# says so. The server's id allocator, its clients, the fake pair, the bus and the command
+# line all check against it.
 MAX_PEER = 0xFFFF
+PEER_IDS = f"0..{MAX_PEER}"  # for messages: "... is not a peer id (0..65535)"
 MAX_VECTOR = 0xFF  # QEMU's device uses only bits 7..0 of the vector
+
+
+def is_peer_id(value: int) -> bool:
+    """Whether ``value`` can name a peer: ``0 <= value <= MAX_PEER``."""
+    return 0 <= value <= MAX_PEER
 
 
 class WordIO(Protocol):
@@ -101,8 +113,8 @@ class PreadWords:
 
 def doorbell_value(peer: int, vector: int) -> int:
     """The Doorbell word that rings ``vector`` of ``peer``; range-checked."""
-    if not (0 <= peer <= MAX_PEER and 0 <= vector <= MAX_VECTOR):
-        raise ValueError(f"peer {peer} / vector {vector} out of range (0..65535 / 0..255)")
+    if not (is_peer_id(peer) and 0 <= vector <= MAX_VECTOR):
+        raise ValueError(f"peer {peer} / vector {vector} out of range ({PEER_IDS} / 0..255)")
     return peer << 16 | vector
 
 
