@@ -27,6 +27,7 @@ __all__ = [
     "QueueFull",
     "RemoteVmidError",
     "ServerClientError",
+    "ServerClosedError",
     "ServerError",
     "VfioError",
     "VirtqueueError",
@@ -96,6 +97,10 @@ class ServerClientError(IvshmemBusError):
     """The ivshmem server could not be reached, or spoke something other than its protocol."""
 
 
+class ServerClosedError(ServerClientError):
+    """The ivshmem server closed the connection (EOF): the fabric is gone."""
+
+
 class VfioError(IvshmemBusError, OSError):
     """A VFIO system call (ioctl, open, mmap of a device node) failed; ``errno`` is kept.
 
@@ -111,6 +116,8 @@ class VfioError(IvshmemBusError, OSError):
         what: the operation and the object, as given by the caller.
         fix: what to do about it, or ``None``.
     """
+
+    errno: int  # always set: a VFIO failure has an errno (OSError allows None)
 
     def __init__(self, errno: int, what: str, fix: str | None = None) -> None:
         strerror = os.strerror(errno)
@@ -128,18 +135,41 @@ class VfioError(IvshmemBusError, OSError):
         return (type(self), (self.errno, self.what, self.fix))
 
 
-class PciError(IvshmemBusError):
+class PciError(IvshmemBusError, OSError):
     """A PCI function could not be read, bound or unbound through sysfs.
+
+    Also an ``OSError``, as ``VfioError`` is: both keep ``errno`` (and ``strerror``) where
+    callers look for them, and code that handles ``OSError`` around device access keeps
+    working. ``str()`` is the message alone, never ``[Errno n]``.
 
     Attributes:
         errno: the OS errno when a system call failed, else ``None``.
+        strerror: ``os.strerror(errno)``, or ``None``.
         path: the sysfs (or /dev) file involved, else ``None``.
     """
 
     def __init__(self, message: str, *, errno: int | None = None, path: str | None = None) -> None:
+        OSError.__init__(self, message)  # one argument: OSError leaves errno unset, args as given
         self.errno = errno
+        self.strerror = None if errno is None else os.strerror(errno)
         self.path = path
-        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # OSError pickles args and __dict__, not its errno/strerror slots; keep them too.
+        state = {**self.__dict__, "errno": self.errno, "strerror": self.strerror}
+        return (_rebuild, (type(self), self.args, state))
+
+
+def _rebuild(cls: type[PciError], args: tuple[object, ...], state: dict[str, object]) -> PciError:
+    """Unpickle a ``PciError`` (or a subclass, whose ``__init__`` takes other arguments)."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    for name, value in state.items():
+        setattr(exc, name, value)
+    return exc
 
 
 class DeviceNotFound(PciError):
