@@ -27,16 +27,15 @@ import os
 import socket
 from collections.abc import Sequence
 
-from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
-from ..errors import ServerClientError
+from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords, is_peer_id
+from ..core.server_protocol import MAX_VECTORS, PROTOCOL_VERSION
+from ..errors import ServerClientError, ServerClosedError
 from .base import IvshmemDevice, unmap
 
 __all__ = ["ServerClientDevice"]
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 0
-MAX_VECTORS = 64
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -93,7 +92,7 @@ class ServerClientDevice(IvshmemDevice):
             raise ServerClientError(f"{self._path}: server protocol version {version}, expected 0")
         own_id, fd = self._recv()
         self._no_fd(fd)
-        if not 0 <= own_id <= 0xFFFF:
+        if not is_peer_id(own_id):
             raise ServerClientError(f"{self._path}: server assigned invalid id {own_id}")
         self._id = own_id
         self._words.write32(IVPOSITION, own_id)
@@ -115,7 +114,7 @@ class ServerClientDevice(IvshmemDevice):
             raise ServerClientError(f"{self._path}: the client is closed")
         try:
             return _recv_message(self._sock, self._buf, self._path)
-        except _ServerClosed:
+        except ServerClosedError:
             self.server_gone = True
             raise
 
@@ -138,7 +137,7 @@ class ServerClientDevice(IvshmemDevice):
                     f"{self._path}: the server's shared memory cannot be mapped: {exc}"
                 ) from exc
             self._shm_view = memoryview(self._shm_map)
-        elif not 0 <= value <= 0xFFFF:
+        elif not is_peer_id(value):
             self._close_quietly(fd)
             log.warning("%s: ignored invalid peer id %d from the server", self._path, value)
         elif fd == -1:  # peer gone
@@ -274,16 +273,12 @@ def fetch_shared_memory(path: str | os.PathLike[str], timeout: float = 5.0) -> i
     return fd
 
 
-class _ServerClosed(ServerClientError):
-    """The server closed the connection (EOF)."""
-
-
 def _recv_message(sock: socket.socket, pending: bytearray, where: str) -> tuple[int, int]:
     """One server message: a little-endian int64 and at most one fd (-1 if none).
 
     The stream may split a message across reads: bytes wait in ``pending``. Every fd beyond
     the first of a message is closed at once, so a server cannot make us hold fds we do not
-    use. Raises ``_ServerClosed`` on EOF (closing a received fd first); a non-blocking socket
+    use. Raises ``ServerClosedError`` on EOF (closing a received fd first); a non-blocking socket
     with nothing to read raises BlockingIOError with ``pending`` kept for the next call.
     """
     fd = -1
@@ -296,7 +291,7 @@ def _recv_message(sock: socket.socket, pending: bytearray, where: str) -> tuple[
         if not data:
             if fd != -1:
                 os.close(fd)
-            raise _ServerClosed(f"{where}: the ivshmem server closed the connection")
+            raise ServerClosedError(f"{where}: the ivshmem server closed the connection")
         pending += data
     value = int.from_bytes(pending[:8], "little", signed=True)
     del pending[:8]
