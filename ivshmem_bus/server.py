@@ -36,15 +36,15 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .core.regs import MAX_PEER
+from .core.server_protocol import MAX_VECTORS, PROTOCOL_VERSION
 from .errors import ServerError
 
 __all__ = ["IvshmemServer", "Message", "PeerTable", "ServerError", "parse_size"]
 
 log = logging.getLogger("ivshmem_bus.server")
 
-PROTOCOL_VERSION = 0  # the first message of every connection (QEMU IVSHMEM_PROTOCOL_VERSION)
-MAX_VECTORS = 64  # QEMU's IVSHMEM_SERVER_MAX_VECTORS
-ID_LIMIT = 1 << 16  # ids travel in Doorbell bits 31..16 (docs/wire-format.md §1.1), so 0..65535
+ID_LIMIT = MAX_PEER + 1  # ids travel in Doorbell bits 31..16 (docs/wire-format.md §1.1)
 _BACKLOG = 10  # QEMU's IVSHMEM_SERVER_LISTEN_BACKLOG
 _POLL_SECONDS = 0.1  # how often serve_forever looks at a caller's stop_event
 _INT64 = struct.Struct("<q")
