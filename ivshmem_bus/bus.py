@@ -47,6 +47,7 @@ from .backends.base import IvshmemDevice
 from .core import protocol
 from .core.protocol import Message, UnknownMessage
 from .core.queue import SpscQueue
+from .core.regs import PEER_IDS, is_peer_id
 from .errors import BusClosed, BusTimeout, ProtocolError
 
 __all__ = [
@@ -155,8 +156,8 @@ class VirtioMsgBus:
             raise ValueError(f"role must be 'driver' or 'device', not {role!r}")
         if profile not in protocol.PROFILES:
             raise ValueError(f"unknown profile {profile!r}; use one of {protocol.PROFILES}")
-        if not 0 <= remote_vmid <= 0xFFFF:
-            raise ValueError(f"remote_vmid {remote_vmid} is not a peer id (0..65535)")
+        if not is_peer_id(remote_vmid):
+            raise ValueError(f"remote_vmid {remote_vmid} is not a peer id ({PEER_IDS})")
         full_fence = device.full_fence
         if coalesce and full_fence is None:
             raise ValueError(

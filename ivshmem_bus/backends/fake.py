@@ -16,7 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords
+from ..core.regs import BAR0_SIZE, IVPOSITION, PEER_IDS, Bar0, MmapWords, is_peer_id
+from ..core.server_protocol import MAX_VECTORS
 from .base import IvshmemDevice, unmap
 
 __all__ = ["FakeDevice", "fake_pair"]
@@ -150,10 +151,10 @@ def fake_pair(
     Returns:
         ``(a, b)``: ``a`` has ``vmids[0]``, ``b`` has ``vmids[1]``. Close both.
     """
-    if not 1 <= vectors <= 64:
-        raise ValueError(f"vectors must be 1..64, not {vectors}")
-    if vmids[0] == vmids[1] or not all(0 <= v <= 0xFFFF for v in vmids):
-        raise ValueError(f"vmids must be two different ids in 0..65535, not {vmids}")
+    if not 1 <= vectors <= MAX_VECTORS:
+        raise ValueError(f"vectors must be 1..{MAX_VECTORS}, not {vectors}")
+    if vmids[0] == vmids[1] or not all(is_peer_id(v) for v in vmids):
+        raise ValueError(f"vmids must be two different ids in {PEER_IDS}, not {vmids}")
     if shm_size < 4096 or shm_size % 4096:
         raise ValueError(f"shm_size must be a positive multiple of 4096, not {shm_size}")
     where = None if directory is None else Path(directory)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from ..core.regs import PEER_IDS, is_peer_id
 from ..errors import RemoteVmidError
 from .base import IvshmemDevice
 
@@ -32,8 +33,8 @@ def resolve_remote_vmid(
     """
     if spec != "auto":
         value = int(spec, 0)
-        if not 0 <= value <= 0xFFFF:
-            raise ValueError(f"remote vmid {spec} is not a peer id (0..65535)")
+        if not is_peer_id(value):
+            raise ValueError(f"remote vmid {spec} is not a peer id ({PEER_IDS})")
         return value
     deadline = time.monotonic() + wait
     candidate, since = -1, 0.0

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..core import protocol
+from ..core.regs import PEER_IDS, is_peer_id
 from ..errors import IvshmemBusError
 from .link import (
     cmd_demo,
@@ -46,8 +47,8 @@ def _vmid_arg(text: str) -> str:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a VMID (a number or 'auto')") from None
-    if not 0 <= value <= 0xFFFF:
-        raise argparse.ArgumentTypeError(f"{text} is not a VMID (0..65535)")
+    if not is_peer_id(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a VMID ({PEER_IDS})")
     return text
 
 
