@@ -284,7 +284,8 @@ class Device:
         try:
             m = mmap.mmap(self.fd, region.size, mmap.MAP_SHARED, prot, offset=region.offset)
         except OSError as exc:
-            raise VfioError(exc.errno or errno.EIO, f"mmap of region {region.index} of {self.bdf}") from None
+            what = f"mmap of region {region.index} of {self.bdf}"
+            raise VfioError(exc.errno or errno.EIO, what) from None
         self._maps.append(m)
         return m
 
