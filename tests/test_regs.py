@@ -59,3 +59,60 @@ def test_pread_words_do_one_4_byte_access_at_region_offset(tmp_path, monkeypatch
     finally:
         os.close(fd)
     assert path.read_bytes()[0x10000 + DOORBELL : 0x10000 + DOORBELL + 4] == bytes([2, 0, 3, 0])
+
+
+class _Recorder:
+    """An exact-width accessor that records each access (a stand-in for ffi.MmioWords)."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+        self.log: list[tuple[str, int, int]] = []
+        self.released = False
+
+    def read32(self, offset: int) -> int:
+        self.log.append(("r", offset, 0))
+        return int.from_bytes(self.view.cast("B")[offset : offset + 4], "little")
+
+    def write32(self, offset: int, value: int) -> None:
+        self.log.append(("w", offset, value))
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_mmap_words_hand_every_access_to_the_exact_accessor():
+    made: list[_Recorder] = []
+
+    def exact(view: memoryview) -> _Recorder:
+        made.append(_Recorder(view))
+        return made[-1]
+
+    bar = bytearray(256)
+    bar[IVPOSITION : IVPOSITION + 4] = (0x2E).to_bytes(4, "little")
+    words = MmapWords(bar, exact=exact)
+    regs = Bar0(words)
+    assert words.exact and regs.ivposition == 0x2E
+    regs.ring(7, 1)
+    assert made[0].log == [("r", IVPOSITION, 0), ("w", DOORBELL, 0x00070001)]
+    assert bar[DOORBELL : DOORBELL + 4] == bytes(4)  # the accessor, not the cast view, stored
+    with pytest.raises(ValueError, match="not an aligned word"):
+        words.write32(254, 1)  # checked before the accessor sees it
+    assert len(made[0].log) == 2
+    words.release()
+    assert made[0].released
+
+
+def test_mmap_words_over_the_compiled_helper_store_once_in_the_mapping():
+    import mmap
+
+    from ivshmem_bus.native import ffi
+
+    factory = ffi.mmio_words()
+    if factory is None:
+        pytest.skip("compiled helper not built")
+    m = mmap.mmap(-1, 256)
+    words = MmapWords(memoryview(m), exact=factory)
+    Bar0(words).ring(0x2E, 3)
+    assert m[DOORBELL : DOORBELL + 4] == bytes([3, 0, 0x2E, 0])
+    words.release()
+    m.close()  # no export left behind

@@ -9,8 +9,10 @@ registers that accept 4-byte accesses only:
     0x0C Doorbell    write-only: (dest_peer << 16) | vector
 
 Every register access is exactly one 4-byte access. Two word backends give that guarantee:
-``MmapWords`` through a ``memoryview.cast("I")`` view of a mapping (a single aligned load or
-store; ``struct.pack_into`` and slice assignment store twice and would ring twice), and
+``MmapWords`` on a mapping, through the exact-width accessor its backend hands it (the
+compiled helper's volatile load/store) or else a ``memoryview.cast("I")`` view (a single
+aligned load or store; ``struct.pack_into`` and slice assignment store twice and would ring
+twice), and
 ``PreadWords`` through ``pread``/``pwrite`` of 4 bytes on a file descriptor (vfio-pci often
 cannot mmap the 256-byte BAR0; a 4-byte pwrite at region offset + reg is one access).
 """
@@ -18,6 +20,7 @@ cannot mmap the 256-byte BAR0; a 4-byte pwrite at region offset + reg is one acc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "MAX_PEER",
     "PEER_IDS",
     "Bar0",
+    "ExactWords",
     "MmapWords",
     "PreadWords",
     "WordIO",
@@ -68,24 +72,58 @@ def _check(offset: int, size: int) -> None:
         raise ValueError(f"register offset 0x{offset:x} is not an aligned word of {size} bytes")
 
 
-class MmapWords:
-    """Words of a mapped (or any writable) buffer, one aligned 32-bit access each."""
+class ExactWords(Protocol):
+    """An exact-width accessor bound to one buffer (``native.ffi.MmioWords``): each call is
+    one aligned 32-bit load or store in compiled code."""
 
-    def __init__(self, buffer: memoryview | bytearray) -> None:
+    def read32(self, offset: int) -> int: ...
+
+    def write32(self, offset: int, value: int) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class MmapWords:
+    """Words of a mapped (or any writable) buffer, one aligned 32-bit access each.
+
+    ``exact``, when given, makes the accessor that does the accesses (the backend that maps
+    BAR0 hands in ``native.ffi.mmio_words()``: the core stays sans-I/O, as the queue is handed
+    its fence); without it, ``memoryview.cast("I")`` items, one access each on CPython
+    (measured), and the only path when the compiled helper is not built.
+    """
+
+    def __init__(
+        self,
+        buffer: memoryview | bytearray,
+        exact: Callable[[memoryview], ExactWords] | None = None,
+    ) -> None:
         view = memoryview(buffer).cast("B")
         self._size = len(view)
         self._words = view[: self._size & ~3].cast("I")
+        self._exact = None if exact is None else exact(self._words)
 
     def read32(self, offset: int) -> int:
         _check(offset, self._size)
+        if self._exact is not None:
+            return self._exact.read32(offset)
         return self._words[offset >> 2]
 
     def write32(self, offset: int, value: int) -> None:
         _check(offset, self._size)
-        self._words[offset >> 2] = value
+        if self._exact is not None:
+            self._exact.write32(offset, value)
+        else:
+            self._words[offset >> 2] = value
+
+    @property
+    def exact(self) -> bool:
+        """Whether the accesses go through a compiled exact-width accessor."""
+        return self._exact is not None
 
     def release(self) -> None:
-        """Drop the view so the owner can close its mapping."""
+        """Drop the accessor and the view so the owner can close its mapping."""
+        if self._exact is not None:
+            self._exact.release()
         self._words.release()
 
 
