@@ -45,7 +45,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 def page() -> Iterator[mmap.mmap]:
     m = mmap.mmap(-1, mmap.PAGESIZE)
     yield m
-    m.close()  # BufferError here would mean a read32/write32 left the buffer exported
+    m.close()  # BufferError here would mean a test left the buffer exported
 
 
 @pytest.fixture
@@ -55,78 +55,96 @@ def null_fd() -> Iterator[int]:
     os.close(fd)
 
 
-# read32 / write32 -----------------------------------------------------------------------
+# MmioWords: exact-width words bound to one mapping ------------------------------------------
 
 VALUES = [0, 1, 0x12345678, 0xDEADBEEF, 0xFFFFFFFF]
 
 
+@pytest.fixture
+def compiled() -> None:
+    if not _ffi.HAVE_COMPILED:
+        pytest.skip(f"compiled helper not available: {_ffi._MISSING_REASON}")
+
+
 @pytest.mark.parametrize("value", VALUES)
-def test_mmap_round_trip(path: str, page: mmap.mmap, value: int) -> None:
-    _ffi.write32(page, 0x0C, value)
-    assert _ffi.read32(page, 0x0C) == value
+def test_mmio_round_trip(compiled: None, page: mmap.mmap, value: int) -> None:
+    words = _ffi.MmioWords(page)
+    words.write32(0x0C, value)
+    assert words.read32(0x0C) == value
     assert int.from_bytes(page[0x0C:0x10], ORDER) == value  # native order, like the C helper
+    words.release()  # else the page fixture's close raises BufferError
 
 
-def test_bytearray_round_trip_touches_only_its_word(path: str) -> None:
+def test_mmio_write_touches_only_its_word(compiled: None) -> None:
     buf = bytearray(b"\xa5" * 16)
-    _ffi.write32(buf, 4, 0x01020304)
+    words = _ffi.MmioWords(buf)
+    words.write32(4, 0x01020304)
     assert buf == b"\xa5" * 4 + (0x01020304).to_bytes(4, ORDER) + b"\xa5" * 8
-    assert _ffi.read32(buf, 4) == 0x01020304
-    assert _ffi.read32(bytes(buf), 4) == 0x01020304  # reading needs no writable buffer
+    assert words.read32(4) == 0x01020304
+    words.release()
+    words.release()  # idempotent
 
 
-def test_memoryview_offsets_count_bytes_whatever_the_format(path: str, page: mmap.mmap) -> None:
-    with memoryview(page) as view, view.cast("I") as words:
-        _ffi.write32(words, 8, 77)
-        assert words[2] == 77
-        assert _ffi.read32(view[8:], 0) == 77
+def test_mmio_offsets_count_bytes_whatever_the_format(compiled: None, page: mmap.mmap) -> None:
+    with memoryview(page) as view, view.cast("I") as cast:
+        words = _ffi.MmioWords(cast)
+        words.write32(8, 77)
+        assert cast[2] == 77
+        words.release()
 
 
-@pytest.mark.parametrize("off", [-4, -1, mmap.PAGESIZE - 3, mmap.PAGESIZE, 1 << 40])
-def test_out_of_bounds(path: str, page: mmap.mmap, off: int) -> None:
-    with pytest.raises(ValueError, match="outside"):
-        _ffi.read32(page, off)
-    with pytest.raises(ValueError, match="outside"):
-        _ffi.write32(page, off, 1)
+@pytest.mark.parametrize("off", [-4, -1, 1, 2, 3, 6, mmap.PAGESIZE - 3, mmap.PAGESIZE, 1 << 40])
+def test_mmio_refuses_words_outside_or_misaligned(
+    compiled: None, page: mmap.mmap, off: int
+) -> None:
+    words = _ffi.MmioWords(page)
+    with pytest.raises(ValueError, match=f"offset {off} is not an aligned word of the 4096"):
+        words.read32(off)
+    with pytest.raises(ValueError, match=f"offset {off} is not an aligned word"):
+        words.write32(off, 1)
+    assert page[:] == bytes(mmap.PAGESIZE)
+    words.release()
 
 
-@pytest.mark.parametrize("off", [1, 2, 3, 6])
-def test_misaligned_offset(path: str, page: mmap.mmap, off: int) -> None:
-    with pytest.raises(ValueError, match="not 4-byte aligned"):
-        _ffi.read32(page, off)
-    with pytest.raises(ValueError, match="not 4-byte aligned"):
-        _ffi.write32(page, off, 1)
-
-
-def test_misaligned_buffer_start(path: str, page: mmap.mmap) -> None:
+def test_mmio_refuses_a_misaligned_buffer_start(compiled: None, page: mmap.mmap) -> None:
     with memoryview(page) as view:  # the alignment that matters is the address, not off
         with pytest.raises(ValueError, match="not 4-byte aligned"):
-            _ffi.read32(view[1:], 0)
+            _ffi.MmioWords(view[1:])
         with pytest.raises(ValueError, match="not 4-byte aligned"):
-            _ffi.write32(view[2:], 0, 1)
+            _ffi.MmioWords(view[2:])
 
 
-def test_short_buffer(path: str) -> None:
-    with pytest.raises(ValueError, match="outside the 3-byte buffer"):
-        _ffi.read32(bytearray(3), 0)
+def test_mmio_short_buffer_has_no_word(compiled: None) -> None:
+    words = _ffi.MmioWords(bytearray(3))
+    with pytest.raises(ValueError, match="offset 0 is not an aligned word of the 3-byte buffer"):
+        words.read32(0)
 
 
 @pytest.mark.parametrize("value", [-1, 1 << 32])
-def test_value_must_fit_32_bits(path: str, value: int) -> None:
+def test_mmio_value_must_fit_32_bits(compiled: None, value: int) -> None:
     buf = bytearray(4)
+    words = _ffi.MmioWords(buf)
     with pytest.raises(ValueError, match="32 bits"):
-        _ffi.write32(buf, 0, value)
+        words.write32(0, value)
     assert buf == bytes(4)
 
 
-def test_write_to_read_only_buffer_is_a_type_error(path: str) -> None:
+def test_mmio_read_only_buffer_is_a_type_error(compiled: None) -> None:
     with pytest.raises(TypeError, match="read-only"):
-        _ffi.write32(bytes(8), 0, 1)
+        _ffi.MmioWords(bytes(8))
 
 
-def test_not_a_buffer(path: str) -> None:
-    with pytest.raises(TypeError):
-        _ffi.read32(object(), 0)  # type: ignore[arg-type]
+def test_mmio_after_release_is_refused(compiled: None) -> None:
+    words = _ffi.MmioWords(bytearray(8))
+    words.release()
+    with pytest.raises(ValueError, match="released"):
+        words.write32(0, 1)
+
+
+def test_mmio_words_factory_is_none_without_the_helper(path: str) -> None:
+    factory = _ffi.mmio_words()
+    assert (factory is _ffi.MmioWords) == (path == "compiled")
+    assert (factory is None) == (path == "fallback")
 
 
 # ioctl -----------------------------------------------------------------------------------
@@ -213,9 +231,7 @@ def test_fallback_logs_once(
     monkeypatch.setattr(_ffi, "_logged_missing", False)
     monkeypatch.setattr(_ffi, "_TSO", True)
     caplog.set_level(logging.INFO, logger="ivshmem_bus")
-    buf = bytearray(8)
-    _ffi.write32(buf, 0, 1)
-    _ffi.read32(buf, 4)
+    assert _ffi.mmio_words() is None
     _ffi.fence()
     fd = os.open(os.devnull, os.O_RDWR)
     try:
@@ -232,7 +248,9 @@ def test_compiled_path_does_not_log(caplog: pytest.LogCaptureFixture) -> None:
     if not _ffi.HAVE_COMPILED:
         pytest.skip(f"compiled helper not available: {_ffi._MISSING_REASON}")
     caplog.set_level(logging.DEBUG, logger="ivshmem_bus")
-    _ffi.write32(bytearray(4), 0, 1)
+    words = _ffi.MmioWords(bytearray(4))
+    words.write32(0, 1)
+    words.release()
     _ffi.fence()
     assert not caplog.records
 

@@ -7,7 +7,8 @@ The only module that imports the compiled helper ``ivshmem_bus.native._helper`` 
                           compiled helper (``HAVE_COMPILED``)          fallback (no compiler)
 ========================  ==========================================  ===========================
 ``ioctl``                 ``ivb_ioctl_int`` / ``ivb_ioctl_ptr``       libc ``ioctl`` (ABI mode)
-``read32`` / ``write32``  ``ivb_read32`` / ``ivb_write32`` (volatile)  ``memoryview.cast("I")``
+``mmio_words``            ``MmioWords``: ``ivb_read32`` /            None: ``regs.MmapWords``'
+                          ``ivb_write32`` (volatile)                  ``memoryview.cast("I")``
 ``fence``                 ``__atomic_thread_fence(SEQ_CST)``          no-op on x86 (TSO), else
                                                                       a no-op and a warning
 ``queue_blocks``          ``ivb_q_put_block`` / ``ivb_q_get_block``   None: ``SpscQueue``'s own
@@ -17,7 +18,7 @@ The only module that imports the compiled helper ``ivshmem_bus.native._helper`` 
 Both paths make exactly one aligned 32-bit access per word, measured with watchpoints (see
 docs/vfio.md §5): ``struct.pack_into``, slice assignment and cffi ABI-mode
 ``p[0] = v`` make two, which rings a doorbell twice. So the fallback is correct on x86-64,
-just slower; the first time any fallback runs, the reason the helper is absent is logged once
+where CPython was measured; the first time any fallback runs, the reason the helper is absent is logged once
 on the ``ivshmem_bus`` logger (at run time, not import time, so it reaches the application's
 logging configuration).
 
@@ -44,16 +45,16 @@ from ..errors import VfioError
 
 __all__ = [
     "HAVE_COMPILED",
+    "MmioWords",
     "QueueBlocks",
     "fence",
     "ffi",
     "full_fence",
     "ioctl",
     "lib",
+    "mmio_words",
     "queue_blocks",
     "queue_fence",
-    "read32",
-    "write32",
 ]
 
 log = logging.getLogger("ivshmem_bus")
@@ -212,67 +213,75 @@ def ioctl(fd: int, request: int, arg: Any, *, what: str) -> int:
 # 32-bit words in mapped memory ----------------------------------------------------------
 
 
-def _check_word(ptr: Any, off: int, op: str) -> None:
-    """ValueError unless ``off`` names a whole, 4-byte-aligned word inside the buffer."""
-    size = len(ptr)
-    if not 0 <= off <= size - 4:
-        raise ValueError(f"{op}: offset {off} is outside the {size}-byte buffer (0..{size - 4})")
-    address = int(ffi.cast("uintptr_t", ptr)) + off
-    if address % 4:
-        raise ValueError(f"{op}: offset {off} (address 0x{address:x}) is not 4-byte aligned")
+class MmioWords:
+    """Exact-width 32-bit accesses to one mapped buffer (a BAR) through the compiled helper.
 
-
-def read32(buf: Any, off: int) -> int:
-    """Read the native-endian 32-bit word at byte ``off`` with exactly one aligned load.
-
-    Args:
-        buf: a C-contiguous buffer: a memoryview of an mmap'd BAR, an ``mmap``, a bytearray.
-        off: byte offset of the word; a multiple of 4 from a 4-byte-aligned address.
-
-    Returns:
-        The word, 0 .. 2**32 - 1 (native byte order: little-endian, like PCI, on x86-64).
+    ``ivb_read32``/``ivb_write32`` are one volatile aligned load/store each, whatever the
+    Python build does with ``memoryview.cast("I")``. Made once per mapping (``mmio_words()``
+    is the factory ``regs.MmapWords(exact=)`` takes): a pointer per call would cost a buffer
+    export each time (~1 us, 5x the access). Holds a buffer export: ``release()`` it before the
+    mapping is closed (``MmapWords.release()`` does).
 
     Raises:
-        ValueError: the word is not wholly inside ``buf`` or is not 4-byte aligned.
-        TypeError: ``buf`` is not a contiguous buffer.
+        ValueError: (construction) the buffer does not start 4-byte aligned; (access) the word
+            is not a whole, aligned word inside the buffer, or the value does not fit 32 bits.
+        TypeError: the buffer is read-only or not a contiguous buffer.
     """
-    with _from_buffer(buf, writable=False, op="read32") as ptr:
-        _check_word(ptr, off, "read32")
-        if _lib is not None:
-            return int(_lib.ivb_read32(ptr, off))
-    _note_fallback()
-    # memoryview.cast("I") item access is one 4-byte load (measured); the with blocks drop
-    # the buffer exports at once, so an mmap can be closed right after.
-    with memoryview(buf) as raw, raw.cast("B") as view, view[off : off + 4].cast("I") as word:
-        return int(word[0])
+
+    __slots__ = ("_ptr", "_read", "_size", "_write")
+
+    def __init__(self, buf: Any) -> None:
+        if _lib is None:
+            raise RuntimeError(f"MmioWords needs the compiled helper: {_MISSING_REASON}")
+        try:
+            ptr = _hffi.from_buffer(_U8_ARRAY, buf, True)
+        except BufferError:  # cffi's word for a read-only buffer
+            raise TypeError(
+                f"MmioWords: {type(buf).__name__} buffer is read-only; pass a writable one"
+            ) from None
+        address = int(_hffi.cast("uintptr_t", ptr))
+        if address % 4:
+            _hffi.release(ptr)
+            raise ValueError(f"MmioWords: buffer address 0x{address:x} is not 4-byte aligned")
+        self._ptr = ptr
+        self._size = len(ptr)
+        self._read = _lib.ivb_read32
+        self._write = _lib.ivb_write32
+
+    def _check(self, off: int, op: str) -> None:
+        if self._ptr is None:  # cffi would pass None as NULL
+            raise ValueError(f"{op} on released MmioWords")
+        if off & 3 or not 0 <= off <= self._size - 4:
+            raise ValueError(
+                f"{op}: offset {off} is not an aligned word of the {self._size}-byte buffer"
+            )
+
+    def read32(self, off: int) -> int:
+        """The native-endian word at byte ``off``: one aligned volatile load."""
+        self._check(off, "read32")
+        return int(self._read(self._ptr, off))
+
+    def write32(self, off: int, value: int) -> None:
+        """Store ``value`` at byte ``off``: one aligned volatile store (a doorbell rings once)."""
+        if not 0 <= value <= _U32_MAX:
+            raise ValueError(f"write32: value {value} does not fit in 32 bits")
+        self._check(off, "write32")
+        self._write(self._ptr, off, value)
+
+    def release(self) -> None:
+        """Give the buffer export back. Idempotent."""
+        if self._ptr is not None:
+            _hffi.release(self._ptr)
+            self._ptr = None
 
 
-def write32(buf: Any, off: int, value: int) -> None:
-    """Write the native-endian 32-bit word at byte ``off`` with exactly one aligned store.
-
-    One store matters: QEMU's ivshmem matches a doorbell on the whole 32-bit value, and a
-    split store rings (or mis-rings) twice.
-
-    Args:
-        buf: a writable C-contiguous buffer (memoryview of an mmap'd BAR, ``mmap``, bytearray).
-        off: byte offset of the word; a multiple of 4 from a 4-byte-aligned address.
-        value: 0 .. 2**32 - 1.
-
-    Raises:
-        ValueError: ``value`` does not fit 32 bits, or the word is outside ``buf`` or not
-            4-byte aligned.
-        TypeError: ``buf`` is read-only or not a contiguous buffer.
-    """
-    if not 0 <= value <= _U32_MAX:
-        raise ValueError(f"write32: value {value} does not fit in 32 bits")
-    with _from_buffer(buf, writable=True, op="write32") as ptr:
-        _check_word(ptr, off, "write32")
-        if _lib is not None:
-            _lib.ivb_write32(ptr, off, value)
-            return
-    _note_fallback()
-    with memoryview(buf) as raw, raw.cast("B") as view, view[off : off + 4].cast("I") as word:
-        word[0] = value
+def mmio_words() -> Callable[[Any], MmioWords] | None:
+    """The ``exact=`` factory for ``regs.MmapWords``: ``MmioWords``, or None without the helper
+    (then ``MmapWords`` uses ``memoryview.cast("I")`` items, one access each, measured)."""
+    if _lib is None:
+        _note_fallback()
+        return None
+    return MmioWords
 
 
 # Memory barriers ------------------------------------------------------------------------
@@ -312,7 +321,7 @@ def full_fence() -> Callable[[], None] | None:
     (store one word, then load another), the one reordering TSO allows. Pure Python has no
     such barrier, so without the helper coalescing is refused rather than made racy.
     """
-    return _lib.ivb_fence_full if _lib is not None else None  # type: ignore[no-any-return]
+    return _lib.ivb_fence_full if _lib is not None else None
 
 
 def _warn_no_fence() -> None:
@@ -362,7 +371,7 @@ class QueueBlocks:
             raise ValueError(f"{n} slots are more than the {len(ptr)}-byte source holds")
         if self._ptr is None:  # cffi would pass None as NULL
             raise ValueError("operation on a released queue")
-        return self._put(self._ptr, self._cap, mine, cached, ptr, n)  # type: ignore[no-any-return]
+        return self._put(self._ptr, self._cap, mine, cached, ptr, n)
 
     def get(self, mine: int, cached: int, dst: Any, n: int) -> int:
         """Copy ``n`` slots into the writable buffer ``dst``."""
@@ -371,7 +380,7 @@ class QueueBlocks:
             raise ValueError(f"{n} slots are more than the {len(ptr)}-byte destination holds")
         if self._ptr is None:
             raise ValueError("operation on a released queue")
-        return self._get(self._ptr, self._cap, mine, cached, ptr, n)  # type: ignore[no-any-return]
+        return self._get(self._ptr, self._cap, mine, cached, ptr, n)
 
     def release(self) -> None:
         """Give the region's buffer export back. Idempotent."""
