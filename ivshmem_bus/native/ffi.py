@@ -18,9 +18,9 @@ The only module that imports the compiled helper ``ivshmem_bus.native._helper`` 
 Both paths make exactly one aligned 32-bit access per word, measured with watchpoints (see
 docs/vfio.md §5): ``struct.pack_into``, slice assignment and cffi ABI-mode
 ``p[0] = v`` make two, which rings a doorbell twice. So the fallback is correct on x86-64,
-where CPython was measured; the first time any fallback runs, the reason the helper is absent is logged once
-on the ``ivshmem_bus`` logger (at run time, not import time, so it reaches the application's
-logging configuration).
+where CPython was measured; the first time any fallback runs, the reason the helper is
+absent is logged once on the ``ivshmem_bus`` logger (at run time, not import time, so it
+reaches the application's logging configuration).
 
 ``ffi`` is always ABI mode, parsed from ``cdefs/vfio.h`` (package data) with no compiler, so
 struct and constant names are the same with or without the helper; ``lib`` is libc opened
