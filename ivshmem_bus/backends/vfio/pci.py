@@ -363,6 +363,18 @@ def _enable_noiommu(root: str | os.PathLike[str]) -> None:
         _sysfs_write(param, "1", "no-IOMMU mode: unrestricted DMA, taints the kernel")
 
 
+def group_nodes(group: int, dev_root: str | os.PathLike[str] = "/dev") -> tuple[Path, Path]:
+    """The two names a VFIO group's node can have: ``vfio/N`` (an IOMMU group) and
+    ``vfio/noiommu-N`` (no-IOMMU mode). The one place that knows them."""
+    vfio = Path(dev_root) / "vfio"
+    return vfio / str(group), vfio / f"noiommu-{group}"
+
+
+def find_group_node(group: int, dev_root: str | os.PathLike[str] = "/dev") -> Path | None:
+    """The group's node that exists now (``vfio/N`` first), or ``None``."""
+    return next((n for n in group_nodes(group, dev_root) if n.exists()), None)
+
+
 def wait_for_group_node(
     group: int, *, dev_root: str | os.PathLike[str] = "/dev", timeout: float = 5.0
 ) -> str:
@@ -371,9 +383,9 @@ def wait_for_group_node(
     devtmpfs creates it after vfio-pci's probe, so it may lag the bind; ``PciError`` if
     neither appears within ``timeout`` seconds.
     """
-    real, noiommu = (Path(dev_root) / "vfio" / n for n in (f"{group}", f"noiommu-{group}"))
+    real, noiommu = group_nodes(group, dev_root)
     deadline = time.monotonic() + timeout
-    while not (node := next((n for n in (real, noiommu) if n.exists()), None)):
+    while not (node := find_group_node(group, dev_root)):
         if time.monotonic() >= deadline:
             raise PciError(
                 f"IOMMU group {group}: neither {real} nor {noiommu} appeared within {timeout:g} s "
