@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import IvshmemBusError
 
+if TYPE_CHECKING:  # the VFIO edge loads only for the commands that use it
+    from ..backends.vfio.pci import PciFunction
 
-def _read_vmid(fn, args: argparse.Namespace) -> tuple[int | None, str | None]:
+
+def _read_vmid(fn: PciFunction, args: argparse.Namespace) -> tuple[int | None, str | None]:
     """(VMID, None) or (None, why it cannot be read), the way the device allows."""
     from ..backends.vfio import pci
 
@@ -31,12 +33,14 @@ def _read_vmid(fn, args: argparse.Namespace) -> tuple[int | None, str | None]:
     return None, f"owned by {fn.driver}: bind it to vfio-pci (ivshmem-bus bind {fn.bdf})"
 
 
-def _group_label(fn, dev_root: str) -> str:
+def _group_label(fn: PciFunction, dev_root: str) -> str:
+    """The group as its VFIO node is named: ``N``, or ``noiommu-N`` in no-IOMMU mode."""
+    from ..backends.vfio import pci
+
     if fn.iommu_group is None:
         return "-"
-    if os.path.exists(os.path.join(dev_root, "vfio", f"noiommu-{fn.iommu_group}")):
-        return f"noiommu-{fn.iommu_group}"
-    return str(fn.iommu_group)
+    node = pci.find_group_node(fn.iommu_group, dev_root)
+    return str(fn.iommu_group) if node is None else node.name
 
 
 def cmd_list(args: argparse.Namespace) -> int:
