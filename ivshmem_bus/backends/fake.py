@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..core.regs import BAR0_SIZE, IVPOSITION, PEER_IDS, Bar0, MmapWords, is_peer_id
 from ..core.server_protocol import MAX_VECTORS
+from ..native import ffi as _ffi
 from .base import IvshmemDevice, unmap
 
 __all__ = ["FakeDevice", "fake_pair"]
@@ -62,8 +63,9 @@ class FakeDevice(IvshmemDevice):
         size = os.fstat(shm_fd).st_size
         self._shm_map = mmap.mmap(shm_fd, size, mmap.MAP_SHARED)
         self._bar0_map = mmap.mmap(bar0_fd, BAR0_SIZE, mmap.MAP_SHARED)
-        self._shm_view = memoryview(self._shm_map)
-        self._words = MmapWords(self._bar0_map)
+        self._shm_view: memoryview | None = memoryview(self._shm_map)
+        # BAR0 through the compiled exact-width accessor, as on a real mapped BAR
+        self._words: MmapWords | None = MmapWords(memoryview(self._bar0_map), _ffi.mmio_words())
         self.regs = Bar0(self._words)
 
     # Methods ------------------------------------------------------------------------------------
@@ -84,12 +86,12 @@ class FakeDevice(IvshmemDevice):
     def close(self) -> None:
         """Unmap BAR0 and BAR2 and close every fd this device owns. Idempotent."""
         self.close_poller()
-        if getattr(self, "_words", None) is not None:
-            self._words.release()
-            self._words = None
-        if getattr(self, "_shm_view", None) is not None:
-            self._shm_view.release()
-            self._shm_view = None
+        words, self._words = getattr(self, "_words", None), None
+        if words is not None:
+            words.release()
+        view, self._shm_view = getattr(self, "_shm_view", None), None
+        if view is not None:
+            view.release()
         for attr in ("_bar0_map", "_shm_map"):
             mapping = getattr(self, attr)
             setattr(self, attr, None)
@@ -174,7 +176,7 @@ def fake_pair(
         }
         for vmid, fd in bar0.items():
             with mmap.mmap(fd, BAR0_SIZE) as regs:  # the device model sets IVPosition
-                words = MmapWords(regs)
+                words = MmapWords(memoryview(regs))
                 words.write32(IVPOSITION, vmid)
                 words.release()
         for me, peer in (vmids, vmids[::-1]):
