@@ -32,7 +32,7 @@ from ...native import ffi as _ffi
 from ...native.ffi import lib
 from ..base import IvshmemDevice
 from . import pci
-from .kernel import Container, Device, Group
+from .kernel import Container, Device, Group, Ioctl
 
 __all__ = ["VfioIvshmemDevice", "open_device"]
 
@@ -49,7 +49,7 @@ class VfioIvshmemDevice(IvshmemDevice):
         *,
         container_path: str = "/dev/vfio/vfio",
         sysfs: str = "/sys",
-        ioctl=_ffi.ioctl,
+        ioctl: Ioctl = _ffi.ioctl,
     ) -> None:
         self._bdf = bdf
         self._container: Container | None = None
@@ -66,13 +66,14 @@ class VfioIvshmemDevice(IvshmemDevice):
             self.close()
             raise
 
-    def _open(self, group_path: str, container_path: str, sysfs: str, ioctl) -> None:
+    def _open(self, group_path: str, container_path: str, sysfs: str, ioctl: Ioctl) -> None:
         self._container = Container(container_path, ioctl=ioctl)
         self._group = Group(group_path, self._container, ioctl=ioctl, sysfs=sysfs)
         dev = self._device = self._group.device(self._bdf)
         bar0 = dev.region_info(lib.VFIO_PCI_BAR0_REGION_INDEX)
         if bar0.mappable:
-            self._bar0_words = MmapWords(dev.map_region(bar0))
+            # a mapped BAR0: every access through the compiled exact-width helper when built
+            self._bar0_words = MmapWords(memoryview(dev.map_region(bar0)), _ffi.mmio_words())
             self.regs = Bar0(self._bar0_words)
         else:
             self.regs = Bar0(PreadWords(dev.fd, bar0.offset, bar0.size))
@@ -157,7 +158,7 @@ def open_device(
     *,
     sysfs: str = "/sys",
     dev: str = "/dev",
-    ioctl=_ffi.ioctl,
+    ioctl: Ioctl = _ffi.ioctl,
 ) -> VfioIvshmemDevice:
     """Find, check and open the ivshmem function ``bdf`` through VFIO, IRQs wired.
 
@@ -184,11 +185,11 @@ def open_device(
         raise VfioError(
             errno.ENOENT, f"{bdf}: no IOMMU group", fix=f"run 'ivshmem-bus bind {bdf} --noiommu'"
         )
-    for node in (vfio / str(fn.iommu_group), vfio / f"noiommu-{fn.iommu_group}"):
-        if node.exists():
-            return VfioIvshmemDevice(
-                bdf, str(node), container_path=str(vfio / "vfio"), sysfs=sysfs, ioctl=ioctl
-            )
+    node = pci.find_group_node(fn.iommu_group, dev)
+    if node is not None:
+        return VfioIvshmemDevice(
+            bdf, str(node), container_path=str(vfio / "vfio"), sysfs=sysfs, ioctl=ioctl
+        )
     raise VfioError(
         errno.ENOENT,
         f"{bdf}: no node for IOMMU group {fn.iommu_group} under {vfio}",
