@@ -24,16 +24,6 @@ void ivb_write32(volatile void *base, size_t off, uint32_t v)
     *(volatile uint32_t *)((volatile uint8_t *)base + off) = v;
 }
 
-void ivb_fence_acquire(void)
-{
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-}
-
-void ivb_fence_release(void)
-{
-    __atomic_thread_fence(__ATOMIC_RELEASE);
-}
-
 void ivb_fence_full(void)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);

@@ -11,9 +11,8 @@
 uint32_t ivb_read32(const volatile void *base, size_t off);
 void ivb_write32(volatile void *base, size_t off, uint32_t v);
 
-/* Memory barriers for shared-memory queues on weakly ordered CPUs. */
-void ivb_fence_acquire(void);
-void ivb_fence_release(void);
+/* A full (StoreLoad) barrier: queues on weakly ordered CPUs, doorbell coalescing everywhere.
+ * The block copies below carry their own acquire/release, so no half fences are needed. */
 void ivb_fence_full(void);
 
 /*
