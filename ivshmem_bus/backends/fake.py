@@ -18,7 +18,6 @@ from pathlib import Path
 
 from ..core.regs import BAR0_SIZE, IVPOSITION, PEER_IDS, Bar0, MmapWords, is_peer_id
 from ..core.server_protocol import MAX_VECTORS
-from ..native import ffi as _ffi
 from .base import IvshmemDevice, unmap
 
 __all__ = ["FakeDevice", "fake_pair"]
@@ -64,8 +63,10 @@ class FakeDevice(IvshmemDevice):
         self._shm_map = mmap.mmap(shm_fd, size, mmap.MAP_SHARED)
         self._bar0_map = mmap.mmap(bar0_fd, BAR0_SIZE, mmap.MAP_SHARED)
         self._shm_view: memoryview | None = memoryview(self._shm_map)
+        from ..native.ffi import mmio_words  # loaded when a device opens, as the fences are
+
         # BAR0 through the compiled exact-width accessor, as on a real mapped BAR
-        self._words: MmapWords | None = MmapWords(memoryview(self._bar0_map), _ffi.mmio_words())
+        self._words: MmapWords | None = MmapWords(memoryview(self._bar0_map), mmio_words())
         self.regs = Bar0(self._words)
 
     # Methods ------------------------------------------------------------------------------------

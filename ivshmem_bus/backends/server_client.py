@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from ..core.regs import BAR0_SIZE, IVPOSITION, Bar0, MmapWords, is_peer_id
 from ..core.server_protocol import MAX_VECTORS, PROTOCOL_VERSION
 from ..errors import ServerClientError, ServerClosedError
-from ..native import ffi as _ffi
 from .base import IvshmemDevice, unmap
 
 __all__ = ["ServerClientDevice"]
@@ -68,7 +67,9 @@ class ServerClientDevice(IvshmemDevice):
         self._peers: dict[int, list[int]] = {}
         self.server_gone = False
         self._regs_buf = bytearray(BAR0_SIZE)  # a host program has no BAR0: IVPosition only
-        self._words = MmapWords(self._regs_buf, _ffi.mmio_words())
+        from ..native.ffi import mmio_words  # loaded when a device opens, as the fences are
+
+        self._words = MmapWords(self._regs_buf, mmio_words())
         self.regs = Bar0(self._words)
         try:
             self._open(timeout)
