@@ -43,9 +43,6 @@ __all__ = ["Container", "Device", "Group", "IrqInfo", "RegionInfo"]
 
 Ioctl = Callable[..., int]
 
-PCI_COMMAND = 0x04
-PCI_COMMAND_MEMORY = 0x2
-PCI_COMMAND_MASTER = 0x4
 _MAX_INFO = 1 << 16  # the largest region-info buffer we grow to (a kernel bug guard)
 
 
@@ -223,10 +220,6 @@ class IrqInfo:
     flags: int
     count: int
 
-    @property
-    def noresize(self) -> bool:
-        return bool(self.flags & lib.VFIO_IRQ_INFO_NORESIZE)
-
 
 class Device:
     """A VFIO device fd: regions, IRQs, reset. Owns the fd (and the maps it made)."""
@@ -307,10 +300,11 @@ class Device:
         """Set PCI_COMMAND bus master (keeping memory space on): MSI-X needs it, vfio-pci
         leaves it off, and QEMU then drops every MSI (docs/vfio.md §6). Returns the new value."""
         config = self.region_info(lib.VFIO_PCI_CONFIG_REGION_INDEX)
-        command = int.from_bytes(self.read(config, PCI_COMMAND, 2), "little")
-        new = command | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY
+        # PCI_COMMAND*: cdefs/vfio.h, checked against the kernel's pci_regs.h by test_cdefs
+        command = int.from_bytes(self.read(config, lib.PCI_COMMAND, 2), "little")
+        new = command | lib.PCI_COMMAND_MASTER | lib.PCI_COMMAND_MEMORY
         if new != command:
-            self.write(config, PCI_COMMAND, new.to_bytes(2, "little"))
+            self.write(config, lib.PCI_COMMAND, new.to_bytes(2, "little"))
         return new
 
     # IRQs ---------------------------------------------------------------------------------------
@@ -335,11 +329,6 @@ class Device:
         flags = lib.VFIO_IRQ_SET_DATA_EVENTFD | lib.VFIO_IRQ_SET_ACTION_TRIGGER
         self._set_irqs(index, flags, start, len(fds), data)
         self._irqs_on.add(index)
-
-    def trigger(self, index: int, start: int, count: int) -> None:
-        """Fire vectors from userspace (a self-test of the eventfd wiring)."""
-        flags = lib.VFIO_IRQ_SET_DATA_NONE | lib.VFIO_IRQ_SET_ACTION_TRIGGER
-        self._set_irqs(index, flags, start, count)
 
     def unmask(self, index: int = lib.VFIO_PCI_INTX_IRQ_INDEX) -> None:
         """Unmask INTx after handling one (it is automasked)."""
