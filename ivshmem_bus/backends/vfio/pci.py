@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...core.regs import IVPOSITION
 from ...errors import DeviceNotFound, PciError
 
 __all__ = [
@@ -62,8 +63,6 @@ _PCI_CAPABILITY_LIST = 0x34
 _PCI_HEADER_END = 0x40  # capabilities live after the 64-byte header
 _PCI_CAP_ID_MSIX = 0x11
 _PCI_MSIX_FLAGS_QSIZE = 0x7FF  # Message Control bits 10..0: table size - 1
-_PCI_COMMAND_MEMORY = 0x2
-_IVPOSITION = 0x08  # BAR0 register (docs/wire-format.md §1.1)
 
 Modprobe = Callable[[str], None]
 
@@ -483,13 +482,15 @@ def read_vmid_from_resource0(fn: PciFunction, root: str | os.PathLike[str] = "/s
     """
     from periphery import MMIO, MMIOError
 
+    from ...native.ffi import lib  # PCI_COMMAND*: cdefs/vfio.h, checked against pci_regs.h
+
     bdf = normalize_bdf(fn.bdf)
     now, dev = get_function(bdf, root), _dev_dir(root, bdf)  # the record may be stale
     if now.driver is not None:
         raise PciError(f"{bdf}: BAR0 is owned by {now.driver}; read IVPosition through it")
-    if now.bar_sizes[0] < _IVPOSITION + 4:
+    if now.bar_sizes[0] < IVPOSITION + 4:
         raise PciError(f"{bdf}: BAR0 is {now.bar_sizes[0]} bytes, too small for IVPosition")
-    if not (dev / "config").read_bytes()[4] & _PCI_COMMAND_MEMORY:
+    if not (dev / "config").read_bytes()[lib.PCI_COMMAND] & lib.PCI_COMMAND_MEMORY:
         raise PciError(f"{bdf}: memory decoding is off; enable it: echo 1 > {dev / 'enable'}")
     path = str(dev / "resource0")
     try:
@@ -498,6 +499,6 @@ def read_vmid_from_resource0(fn: PciFunction, root: str | os.PathLike[str] = "/s
         msg = f"{bdf}: mapping {path} to read IVPosition: {exc}; {_fix(exc)}"
         raise PciError(msg, errno=exc.errno, path=path) from exc
     try:
-        return mmio.read32(_IVPOSITION)
+        return mmio.read32(IVPOSITION)
     finally:
         mmio.close()
