@@ -36,7 +36,9 @@ consumer loads head (load-acquire), copies the slot out, then publishes tail (st
 On x86-64 (TSO) plain loads and stores already have these semantics, and CPython performs the
 slot copy and the index store in separate C calls the compiler cannot merge or reorder. On
 weakly ordered CPUs (aarch64) a fence is needed: pass ``fence=`` (the compiled helper's full
-barrier, see ``ivshmem_bus.native.ffi``); without one the queue logs a warning once.
+barrier). Which CPUs need one is the I/O edge's knowledge, not the core's: pass
+``native.ffi.queue_fence()`` (None on x86, the fence elsewhere), as every backend's ``fence``
+does; ``native.ffi`` warns once where no fence can be had.
 
 Bytes written: ``put`` writes exactly ``len(data)`` bytes of the slot, like QEMU's memcpy of
 the message (44 or 48 bytes); the rest of the slot keeps whatever it held. ``put_block``
@@ -75,8 +77,6 @@ for links whose both ends are ivshmem_bus (``VirtioMsgBus(coalesce=True)``).
 from __future__ import annotations
 
 import ctypes
-import logging
-import platform
 import sys
 from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
@@ -95,7 +95,6 @@ __all__ = [
     "queue_capacity",
 ]
 
-log = logging.getLogger(__name__)
 
 SLOT_SIZE = 64
 HEAD_OFFSET = 0x00
@@ -107,9 +106,6 @@ POLLING_OFFSET = 0x44  # consumer's line: POLLING while it polls (coalescing ext
 POLLING = 1
 _POLL_WORD = POLLING_OFFSET // 4
 
-# CPUs whose plain loads/stores already give acquire/release ordering (total store order).
-_TSO_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
-_warned_no_fence = False
 
 T = TypeVar("T")
 
@@ -179,8 +175,9 @@ class SpscQueue:
         region: the queue's bytes: a writable, C-contiguous buffer (memoryview of an mmap,
             bytearray). Its start must be 4-byte aligned so each index is one aligned word.
         fence: a full memory barrier to call between a slot copy and an index store (and
-            between an index load and a slot copy). Not needed on x86-64.
-        blocks: a factory ``blocks(view, capacity) -> BlockCopier`` (``_ffi.queue_blocks()``)
+            between an index load and a slot copy). Not needed on x86-64; pass
+            ``native.ffi.queue_fence()``, which knows the CPU.
+        blocks: a factory ``blocks(view, capacity) -> BlockCopier`` (``ffi.queue_blocks()``)
             that ``put_block``/``get_block`` use instead of their pure-Python loop. The
             copier holds a pointer into the region until ``release()``.
 
@@ -210,8 +207,6 @@ class SpscQueue:
         blocks: Callable[[memoryview, int], BlockCopier] | None = None,
     ):
         view = _checked_view(region)
-        if fence is None:
-            _warn_if_fence_needed()
         self._buf = view
         self._idx = view[:QUEUE_HEADER_SIZE].cast("I")
         self._capacity = queue_capacity(len(view))
@@ -654,14 +649,3 @@ class SpscQueue:
     def __repr__(self) -> str:
         return f"SpscQueue(capacity={self._capacity}, head={self._head}, tail={self._tail})"
 
-
-def _warn_if_fence_needed() -> None:
-    global _warned_no_fence
-    if _warned_no_fence or platform.machine().lower() in _TSO_MACHINES:
-        return
-    _warned_no_fence = True
-    log.warning(
-        "SpscQueue on %s without a memory fence: slot/index ordering is not guaranteed on "
-        "this CPU; build the compiled helper (a C compiler at pip install) and pass its fence",
-        platform.machine(),
-    )
