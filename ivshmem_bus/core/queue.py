@@ -93,6 +93,7 @@ __all__ = [
     "BlockCopier",
     "SpscQueue",
     "queue_capacity",
+    "reset_queue",
 ]
 
 
@@ -161,6 +162,32 @@ def _checked_view(region: memoryview | bytearray) -> memoryview:
         view.release()
         raise
     return view
+
+
+def reset_queue(region: memoryview | bytearray) -> None:
+    """Empty the queue in ``region`` whatever it holds (even corrupt indexes), with no queue
+    object: ``SpscQueue.reset`` without the attach, for the side that owns reset before the
+    peer attaches ("reset-queues"). The one implementation of a queue reset.
+
+    Raises:
+        ValueError: ``region`` is not fit for a queue (as ``SpscQueue``).
+    """
+    view = _checked_view(region)
+    try:
+        with view[:QUEUE_HEADER_SIZE].cast("I") as idx:
+            _zero_queue(idx, view)
+    finally:
+        view.release()
+
+
+def _zero_queue(idx: memoryview, buf: memoryview) -> None:
+    """Zero both indexes (one aligned store each, so no torn index is ever visible), then
+    the rest of the region: the header's padding (the polling flag with it) and every slot,
+    the "all zeroed" of docs/wire-format.md §3.6."""
+    idx[_HEAD_WORD] = 0
+    idx[_TAIL_WORD] = 0
+    buf[HEAD_OFFSET + 4 : TAIL_OFFSET] = bytes(TAIL_OFFSET - HEAD_OFFSET - 4)
+    buf[TAIL_OFFSET + 4 :] = bytes(len(buf) - TAIL_OFFSET - 4)
 
 
 def _address_of(view: memoryview) -> int:
@@ -613,11 +640,7 @@ class SpscQueue:
         Only the side that owns reset calls this, before the peer uses the queue (the
         "reset-queues" option): a reset under a live peer loses what was in flight.
         """
-        self._idx[_HEAD_WORD] = 0
-        self._idx[_TAIL_WORD] = 0
-        buf = self._buf
-        buf[HEAD_OFFSET + 4 : TAIL_OFFSET] = bytes(TAIL_OFFSET - HEAD_OFFSET - 4)
-        buf[TAIL_OFFSET + 4 :] = bytes(len(buf) - TAIL_OFFSET - 4)
+        _zero_queue(self._idx, self._buf)
         self._head = self._tail = self._cached_head = self._cached_tail = 0
 
     def resync(self) -> None:
