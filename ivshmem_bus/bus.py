@@ -46,7 +46,7 @@ from typing import Literal
 from .backends.base import IvshmemDevice
 from .core import protocol
 from .core.protocol import Message, UnknownMessage
-from .core.queue import SpscQueue
+from .core.queue import SpscQueue, reset_queue
 from .core.regs import PEER_IDS, is_peer_id
 from .errors import BusClosed, BusTimeout, ProtocolError
 
@@ -95,9 +95,11 @@ class BusStats:
 
 
 def reset_queues_of(device: IvshmemDevice) -> None:
-    """Zero both queues (8 KiB of BAR2): only before the peer attaches ("reset-queues")."""
-    need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
-    device.shmem[:need] = bytes(need)  # no peer yet: a torn index cannot be seen
+    """Empty both queues (8 KiB of BAR2): only before the peer attaches ("reset-queues")."""
+    shm = device.shmem
+    for offset in (DRIVER_QUEUE_OFFSET, DEVICE_QUEUE_OFFSET):
+        with shm[offset : offset + QUEUE_SIZE] as region:
+            reset_queue(region)
 
 
 @dataclasses.dataclass
