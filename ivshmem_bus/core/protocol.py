@@ -64,14 +64,14 @@ __all__ = [
 
 
 def _pack_tail(tail: _Tail, msg: Message, profile: str) -> bytes:
-    count = getattr(msg, tail.count)
-    value = getattr(msg, tail.field)
+    count: int = getattr(msg, tail.count)
+    value: int | bytes = getattr(msg, tail.field)
     name = type(msg).__name__
     if count > tail.limit:
         raise ValueError(
             f"{name}.{tail.count}={count} exceeds {tail.limit}, the most {profile} carries"
         )
-    if tail.unit == 4:  # feature blocks: an int split into `count` little-endian u32s
+    if isinstance(value, int):  # feature blocks (unit 4): `count` little-endian u32s
         if value >> (32 * count):
             raise ValueError(f"{name}.features has bits beyond {count} 32-bit block(s)")
         return value.to_bytes(4 * count, "little")
