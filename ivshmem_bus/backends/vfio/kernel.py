@@ -302,7 +302,7 @@ class Device:
         config = self.region_info(lib.VFIO_PCI_CONFIG_REGION_INDEX)
         # PCI_COMMAND*: cdefs/vfio.h, checked against the kernel's pci_regs.h by test_cdefs
         command = int.from_bytes(self.read(config, lib.PCI_COMMAND, 2), "little")
-        new = command | lib.PCI_COMMAND_MASTER | lib.PCI_COMMAND_MEMORY
+        new: int = command | lib.PCI_COMMAND_MASTER | lib.PCI_COMMAND_MEMORY
         if new != command:
             self.write(config, lib.PCI_COMMAND, new.to_bytes(2, "little"))
         return new
