@@ -371,7 +371,7 @@ class QueueBlocks:
             raise ValueError(f"{n} slots are more than the {len(ptr)}-byte source holds")
         if self._ptr is None:  # cffi would pass None as NULL
             raise ValueError("operation on a released queue")
-        return self._put(self._ptr, self._cap, mine, cached, ptr, n)
+        return self._put(self._ptr, self._cap, mine, cached, ptr, n)  # type: ignore[no-any-return]
 
     def get(self, mine: int, cached: int, dst: Any, n: int) -> int:
         """Copy ``n`` slots into the writable buffer ``dst``."""
@@ -380,7 +380,7 @@ class QueueBlocks:
             raise ValueError(f"{n} slots are more than the {len(ptr)}-byte destination holds")
         if self._ptr is None:
             raise ValueError("operation on a released queue")
-        return self._get(self._ptr, self._cap, mine, cached, ptr, n)
+        return self._get(self._ptr, self._cap, mine, cached, ptr, n)  # type: ignore[no-any-return]
 
     def release(self) -> None:
         """Give the region's buffer export back. Idempotent."""
