@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...core.regs import IVPOSITION
-from ...errors import DeviceNotFound, PciError
+from ...errors import DeviceNotFound, PciError, VfioError
 
 __all__ = [
     "IVSHMEM_DEVICE",
@@ -372,6 +372,29 @@ def group_nodes(group: int, dev_root: str | os.PathLike[str] = "/dev") -> tuple[
 def find_group_node(group: int, dev_root: str | os.PathLike[str] = "/dev") -> Path | None:
     """The group's node that exists now (``vfio/N`` first), or ``None``."""
     return next((n for n in group_nodes(group, dev_root) if n.exists()), None)
+
+
+def group_node_of(fn: PciFunction, dev_root: str | os.PathLike[str] = "/dev") -> str:
+    """The VFIO node of ``fn``'s group, to open now: a bound function's, not waited for.
+
+    Raises:
+        VfioError: (ENOENT) the function has no IOMMU group, or neither node exists; the
+            message names the bind command that fixes it.
+    """
+    if fn.iommu_group is None:
+        raise VfioError(
+            errno.ENOENT,
+            f"{fn.bdf}: no IOMMU group",
+            fix=f"run 'ivshmem-bus bind {fn.bdf} --noiommu'",
+        )
+    node = find_group_node(fn.iommu_group, dev_root)
+    if node is None:
+        raise VfioError(
+            errno.ENOENT,
+            f"{fn.bdf}: no node for IOMMU group {fn.iommu_group} under {Path(dev_root) / 'vfio'}",
+            fix=f"bind it again with 'ivshmem-bus bind {fn.bdf}'",
+        )
+    return str(node)
 
 
 def wait_for_group_node(
