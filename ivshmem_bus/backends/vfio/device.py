@@ -20,14 +20,13 @@ munmap, device fd, group, container.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ...core.regs import Bar0, MmapWords, PreadWords
-from ...errors import PciError, VfioError
+from ...errors import PciError
 from ...native import ffi as _ffi
 from ...native.ffi import lib
 from ..base import IvshmemDevice
@@ -180,18 +179,6 @@ def open_device(
         raise PciError(
             f"{bdf} is {owner}, not vfio-pci: run 'ivshmem-bus bind {bdf}{flag}' first (root)"
         )
-    vfio = Path(dev) / "vfio"
-    if fn.iommu_group is None:
-        raise VfioError(
-            errno.ENOENT, f"{bdf}: no IOMMU group", fix=f"run 'ivshmem-bus bind {bdf} --noiommu'"
-        )
-    node = pci.find_group_node(fn.iommu_group, dev)
-    if node is not None:
-        return VfioIvshmemDevice(
-            bdf, str(node), container_path=str(vfio / "vfio"), sysfs=sysfs, ioctl=ioctl
-        )
-    raise VfioError(
-        errno.ENOENT,
-        f"{bdf}: no node for IOMMU group {fn.iommu_group} under {vfio}",
-        fix=f"bind it again with 'ivshmem-bus bind {bdf}'",
-    )
+    node = pci.group_node_of(fn, dev)
+    container = str(Path(dev) / "vfio" / "vfio")
+    return VfioIvshmemDevice(bdf, node, container_path=container, sysfs=sysfs, ioctl=ioctl)
