@@ -37,9 +37,6 @@ from ._mapped import MappedWindow, check_span
 
 __all__ = ["PlainWindow"]
 
-_PCI_COMMAND = 0x04
-_PCI_COMMAND_MEMORY = 0x2
-
 
 class PlainWindow(MappedWindow):
     """BAR2 of an ivshmem-plain function at driver address ``mem_offset``. Use ``open``.
@@ -116,24 +113,6 @@ def _check_plain(fn: pci.PciFunction) -> None:
         )
 
 
-def _group_node(fn: pci.PciFunction, dev: str) -> str:
-    vfio = Path(dev) / "vfio"
-    if fn.iommu_group is None:
-        raise VfioError(
-            errno.ENOENT,
-            f"{fn.bdf}: no IOMMU group",
-            fix=f"run 'ivshmem-bus bind {fn.bdf} --noiommu'",
-        )
-    for node in (vfio / str(fn.iommu_group), vfio / f"noiommu-{fn.iommu_group}"):
-        if node.exists():
-            return str(node)
-    raise VfioError(
-        errno.ENOENT,
-        f"{fn.bdf}: no node for IOMMU group {fn.iommu_group} under {vfio}",
-        fix=f"bind it again with 'ivshmem-bus bind {fn.bdf}'",
-    )
-
-
 def _open_vfio(
     cls: type[PlainWindow],
     fn: pci.PciFunction,
@@ -143,7 +122,7 @@ def _open_vfio(
     ioctl: Callable[..., int],
 ) -> PlainWindow:
     """Container, group, device fd, BAR2 region mmap; closed in reverse by the window."""
-    node = _group_node(fn, dev)
+    node = pci.group_node_of(fn, dev)
     owned: list[Container | Group | Device] = []
 
     def close_all() -> None:
@@ -193,7 +172,7 @@ def _open_resource2(
         raise PciError(
             f"{fn.bdf}: reading {dev_dir / 'config'}: {exc.strerror}", errno=exc.errno
         ) from None
-    if len(config) > _PCI_COMMAND and not config[_PCI_COMMAND] & _PCI_COMMAND_MEMORY:
+    if len(config) > lib.PCI_COMMAND and not config[lib.PCI_COMMAND] & lib.PCI_COMMAND_MEMORY:
         raise PciError(
             f"{fn.bdf}: memory decoding is off, BAR2 would read as 0xff: enable it "
             f"(echo 1 > {dev_dir / 'enable'}, root)",
