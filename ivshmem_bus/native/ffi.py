@@ -248,24 +248,26 @@ class MmioWords:
         self._read = _lib.ivb_read32
         self._write = _lib.ivb_write32
 
-    def _check(self, off: int, op: str) -> None:
-        if self._ptr is None:  # cffi would pass None as NULL
-            raise ValueError(f"{op} on released MmioWords")
-        if off & 3 or not 0 <= off <= self._size - 4:
-            raise ValueError(
-                f"{op}: offset {off} is not an aligned word of the {self._size}-byte buffer"
-            )
+    def _refuse(self, off: int, op: str) -> ValueError:
+        if self._ptr is None:
+            return ValueError(f"{op} on released MmioWords")
+        return ValueError(
+            f"{op}: offset {off} is not an aligned word of the {self._size}-byte buffer"
+        )
 
     def read32(self, off: int) -> int:
         """The native-endian word at byte ``off``: one aligned volatile load."""
-        self._check(off, "read32")
-        return int(self._read(self._ptr, off))
+        # one test for every refusal (a released pointer is None: cffi would pass NULL)
+        if off & 3 or not 0 <= off <= self._size - 4 or self._ptr is None:
+            raise self._refuse(off, "read32")
+        return self._read(self._ptr, off)  # type: ignore[no-any-return]
 
     def write32(self, off: int, value: int) -> None:
         """Store ``value`` at byte ``off``: one aligned volatile store (a doorbell rings once)."""
+        if off & 3 or not 0 <= off <= self._size - 4 or self._ptr is None:
+            raise self._refuse(off, "write32")
         if not 0 <= value <= _U32_MAX:
             raise ValueError(f"write32: value {value} does not fit in 32 bits")
-        self._check(off, "write32")
         self._write(self._ptr, off, value)
 
     def release(self) -> None:
