@@ -49,16 +49,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         # SIGTERM unwinds like Ctrl-C: shared-memory files are removed, children reaped.
         signal.signal(signal.SIGTERM, _terminate)
     cases = args.only or list(CASES)
-    runs = args.runs or (3 if args.quick else 5)
-    scale = args.scale * (0.1 if args.quick else 1.0)
-    binary, cc_note = (
-        (None, "skipped (--no-c)")
-        if args.no_c
-        else build_reference(args.cache_dir or default_cache_dir())
-    )
-    if cc_note and not args.no_c:
-        print(f"warning: {cc_note}", file=sys.stderr)
-    cfg = Config(runs, scale, binary, progress=not args.quiet, wait_quiet=args.wait_quiet)
+    cfg, cc_note = _config(args)
     busy_before = cpu_busy()
     if busy_before is not None and busy_before > BUSY_WARN:
         print(
@@ -68,6 +59,53 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         )
     started = time.time()
     t0 = time.monotonic()
+    results, errors, foreign = _run_cases(cfg, cases)
+    by_id = {r["id"]: r for r in results}
+    rat = ratios(by_id)
+    report = {
+        "schema": SCHEMA,
+        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
+        "duration_s": time.monotonic() - t0,
+        "argv": list(argv),
+        "quick": args.quick,
+        "runs": cfg.runs,
+        "scale": cfg.scale,
+        "cases": cases,
+        "machine": {
+            **machine_info(cc_note),
+            "cpu_busy_before": busy_before,
+            "loadavg_after": os.getloadavg()[0],
+        },
+        "results": results,
+        "foreign_cpu": foreign,
+        "retried_runs": cfg.retried,
+        "ratios": rat,
+        "targets": targets(by_id, rat),
+        "errors": errors,
+    }
+    _write(report, args.json)
+    return 1 if errors else 0
+
+
+def _config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The run's settings and the C reference (built, or why not)."""
+    runs = args.runs or (3 if args.quick else 5)
+    scale = args.scale * (0.1 if args.quick else 1.0)
+    binary, cc_note = (
+        (None, "skipped (--no-c)")
+        if args.no_c
+        else build_reference(args.cache_dir or default_cache_dir())
+    )
+    if cc_note and not args.no_c:
+        print(f"warning: {cc_note}", file=sys.stderr)
+    return Config(runs, scale, binary, progress=not args.quiet, wait_quiet=args.wait_quiet), cc_note
+
+
+def _run_cases(
+    cfg: Config, cases: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, float | None]]:
+    """Every case's records, the cases that failed (with their tracebacks), and the most CPU
+    other processes took during each case."""
     results: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     foreign: dict[str, float | None] = {}
@@ -86,35 +124,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         results.extend(recs)
         if cfg.progress:
             print(file=sys.stderr, flush=True)
-    by_id = {r["id"]: r for r in results}
-    rat = ratios(by_id)
-    report = {
-        "schema": SCHEMA,
-        "started": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(),
-        "duration_s": time.monotonic() - t0,
-        "argv": list(argv),
-        "quick": args.quick,
-        "runs": runs,
-        "scale": scale,
-        "cases": cases,
-        "machine": {
-            **machine_info(cc_note),
-            "cpu_busy_before": busy_before,
-            "loadavg_after": os.getloadavg()[0],
-        },
-        "results": results,
-        "foreign_cpu": foreign,
-        "retried_runs": cfg.retried,
-        "ratios": rat,
-        "targets": targets(by_id, rat),
-        "errors": errors,
-    }
+    return results, errors, foreign
+
+
+def _write(report: dict[str, Any], json_path: str) -> None:
+    """The table, and the JSON to ``json_path`` (``-``: JSON alone on stdout, table on stderr)."""
     text = json.dumps(report, indent=2) + "\n"
-    if args.json == "-":  # JSON alone on stdout; the table goes to stderr
+    if json_path == "-":
         print_table(report, sys.stderr)
         sys.stdout.write(text)
     else:
         print_table(report)
-        Path(args.json).write_text(text)
-        print(f"results written to {args.json}")
-    return 1 if errors else 0
+        Path(json_path).write_text(text)
+        print(f"results written to {json_path}")
