@@ -227,6 +227,12 @@ def case_doorbell(cfg: Config) -> list[dict[str, Any]]:
             combine(runs, units),
         )
     )
+    return out + _burst_records(cfg)
+
+
+def _burst_records(cfg: Config) -> list[dict[str, Any]]:
+    """Bursts of sends to a sleeping receiver: doorbells and wake-ups per burst."""
+    out = []
     nb = cfg.count("doorbell.bursts")
     for rid, label, coalesce in (
         ("doorbell.burst", f"burst of {BURST} bus.send, receiver asleep", False),
