@@ -31,8 +31,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.server_protocol import MAX_VECTORS
 from ..errors import IvshmemBusError, ServerError
-from ..server import ID_LIMIT, MAX_VECTORS, IvshmemServer, parse_size
+from ..server import ID_LIMIT, IvshmemServer, parse_size
 from ._cli import OneLineParser, fail, parse_uint
 from .daemon import Daemon
 
