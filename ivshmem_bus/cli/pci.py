@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import IvshmemBusError
+from ..errors import IvshmemBusError, PciError
 
 if TYPE_CHECKING:  # the VFIO edge loads only for the commands that use it
     from ..backends.vfio.pci import PciFunction
@@ -97,22 +97,22 @@ def cmd_vmid(args: argparse.Namespace) -> int:
     if args.bdf:
         fn = pci.get_function(args.bdf, args.sysfs)
         if not fn.is_ivshmem:
-            raise pci.PciError(f"{fn.bdf} is not an ivshmem device (1af4:1110)")
+            raise PciError(f"{fn.bdf} is not an ivshmem device (1af4:1110)")
     else:
         doorbells = [fn for fn in pci.list_ivshmem(args.sysfs) if fn.is_doorbell]
         if not doorbells:
-            raise pci.PciError(
+            raise PciError(
                 "no ivshmem-doorbell device: start the guest with -device ivshmem-doorbell"
             )
         if len(doorbells) > 1:
-            raise pci.PciError(
+            raise PciError(
                 f"several ivshmem-doorbell devices ({', '.join(f.bdf for f in doorbells)}): "
                 f"name one: ivshmem-bus vmid BDF"
             )
         fn = doorbells[0]
     vmid, why = _read_vmid(fn, args)
     if vmid is None:
-        raise pci.PciError(f"{fn.bdf}: cannot read the VMID: {why}")
+        raise PciError(f"{fn.bdf}: cannot read the VMID: {why}")
     print(vmid if args.format == "dec" else f"0x{vmid:x}")
     return 0
 
