@@ -74,7 +74,8 @@ def _median(results: dict[str, dict[str, Any]], rid: str, metric: str) -> float 
     rec = results.get(rid)
     if rec is None or metric not in rec["metrics"]:
         return None
-    return rec["metrics"][metric]["median"]
+    median: float = rec["metrics"][metric]["median"]
+    return median
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:

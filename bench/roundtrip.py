@@ -77,7 +77,7 @@ def rtt_python_run(spin: float, count: int, coalesce: bool = False) -> dict[str,
     return percentiles_us(times)
 
 
-def _read_u64(path: str, n: int, index: int = 0) -> array.array:
+def _read_u64(path: str, n: int, index: int = 0) -> array.array[int]:
     data = array.array("Q")
     with open(path, "rb") as f:
         f.seek(8 * n * index)
@@ -85,7 +85,9 @@ def _read_u64(path: str, n: int, index: int = 0) -> array.array:
     return data
 
 
-def c_pingpong_run(binary: Path, mode: str, count: int) -> tuple[dict[str, float], array.array]:
+def c_pingpong_run(
+    binary: Path, mode: str, count: int
+) -> tuple[dict[str, float], array.array[int]]:
     """C ping-pong round trips (and, for eventfd, the one-way wake-ups as second value)."""
     with tempfile.TemporaryDirectory(prefix="ivshmem-bench-") as tmp:
         out = os.path.join(tmp, "samples")
@@ -103,7 +105,9 @@ def c_pingpong_run(binary: Path, mode: str, count: int) -> tuple[dict[str, float
     return percentiles_us(rtt), oneway
 
 
-def _python_rtt(cfg: Config, n: int, mode: str, label: str, coalesce: bool = False) -> dict:
+def _python_rtt(
+    cfg: Config, n: int, mode: str, label: str, coalesce: bool = False
+) -> dict[str, Any]:
     """One Python round-trip record: ``mode`` from RTT_MODES, optionally coalescing."""
     spin = RTT_MODES[mode]
     runs = cfg.repeat(lambda: rtt_python_run(spin, n, coalesce=coalesce))
