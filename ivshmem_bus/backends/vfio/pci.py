@@ -495,6 +495,28 @@ def unbind(bdf: str, *, root: str | os.PathLike[str] = "/sys") -> str | None:
     return get_function(bdf, root).driver
 
 
+def memory_decoding(bdf: str, root: str | os.PathLike[str] = "/sys") -> bool | None:
+    """Whether the function decodes memory accesses (PCI_COMMAND bit 1, from sysfs
+    ``config``): with it off a BAR reads as all ones and writes go nowhere. ``None`` when
+    ``config`` is too short to say.
+
+    Raises:
+        PciError: ``config`` cannot be read (errno kept).
+    """
+    from ...native.ffi import lib  # PCI_COMMAND*: cdefs/vfio.h, checked against pci_regs.h
+
+    path = _dev_dir(root, bdf) / "config"
+    try:
+        config = path.read_bytes()
+    except OSError as exc:
+        raise PciError(
+            f"{bdf}: reading {path}: {exc.strerror}", errno=exc.errno, path=str(path)
+        ) from None
+    if len(config) <= lib.PCI_COMMAND:
+        return None
+    return bool(config[lib.PCI_COMMAND] & lib.PCI_COMMAND_MEMORY)
+
+
 def read_vmid_from_resource0(fn: PciFunction, root: str | os.PathLike[str] = "/sys") -> int:
     """Read IVPosition (BAR0 + 8, unsigned) through ``resource0`` of a device with no driver.
 
@@ -505,15 +527,13 @@ def read_vmid_from_resource0(fn: PciFunction, root: str | os.PathLike[str] = "/s
     """
     from periphery import MMIO, MMIOError
 
-    from ...native.ffi import lib  # PCI_COMMAND*: cdefs/vfio.h, checked against pci_regs.h
-
     bdf = normalize_bdf(fn.bdf)
     now, dev = get_function(bdf, root), _dev_dir(root, bdf)  # the record may be stale
     if now.driver is not None:
         raise PciError(f"{bdf}: BAR0 is owned by {now.driver}; read IVPosition through it")
     if now.bar_sizes[0] < IVPOSITION + 4:
         raise PciError(f"{bdf}: BAR0 is {now.bar_sizes[0]} bytes, too small for IVPosition")
-    if not (dev / "config").read_bytes()[lib.PCI_COMMAND] & lib.PCI_COMMAND_MEMORY:
+    if not memory_decoding(bdf, root):
         raise PciError(f"{bdf}: memory decoding is off; enable it: echo 1 > {dev / 'enable'}")
     path = str(dev / "resource0")
     try:
