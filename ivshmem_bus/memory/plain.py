@@ -157,29 +157,10 @@ def _open_vfio(
         raise
 
 
-def _open_resource2(
-    cls: type[PlainWindow], fn: pci.PciFunction, mem_offset: int, sysfs: str
-) -> PlainWindow:
-    """mmap of sysfs ``resource2``; the fd is closed once mapped (mmap keeps a dup)."""
-    dev_dir = Path(sysfs) / "bus/pci/devices" / fn.bdf
-    path = dev_dir / "resource2"
-    size = fn.shmem_size
-    check_span(f"ivshmem-plain {fn.bdf}", mem_offset, size)
-    owner = f"bound to {fn.driver}" if fn.driver else "on no driver"
+def _open_resource(fn: pci.PciFunction, path: Path, owner: str) -> int:
+    """Open sysfs ``resource2`` read-write; a refusal names what would make it work."""
     try:
-        config = (dev_dir / "config").read_bytes()
-    except OSError as exc:
-        raise PciError(
-            f"{fn.bdf}: reading {dev_dir / 'config'}: {exc.strerror}", errno=exc.errno
-        ) from None
-    if len(config) > lib.PCI_COMMAND and not config[lib.PCI_COMMAND] & lib.PCI_COMMAND_MEMORY:
-        raise PciError(
-            f"{fn.bdf}: memory decoding is off, BAR2 would read as 0xff: enable it "
-            f"(echo 1 > {dev_dir / 'enable'}, root)",
-            path=str(dev_dir / "enable"),
-        )
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
             fix = f"run as root, or bind it to vfio-pci (ivshmem-bus bind {fn.bdf})"
@@ -192,6 +173,24 @@ def _open_resource2(
             errno=exc.errno,
             path=str(path),
         ) from None
+
+
+def _open_resource2(
+    cls: type[PlainWindow], fn: pci.PciFunction, mem_offset: int, sysfs: str
+) -> PlainWindow:
+    """mmap of sysfs ``resource2``; the fd is closed once mapped (mmap keeps a dup)."""
+    dev_dir = Path(sysfs) / "bus/pci/devices" / fn.bdf
+    path = dev_dir / "resource2"
+    size = fn.shmem_size
+    check_span(f"ivshmem-plain {fn.bdf}", mem_offset, size)
+    owner = f"bound to {fn.driver}" if fn.driver else "on no driver"
+    if pci.memory_decoding(fn.bdf, sysfs) is False:
+        raise PciError(
+            f"{fn.bdf}: memory decoding is off, BAR2 would read as 0xff: enable it "
+            f"(echo 1 > {dev_dir / 'enable'}, root)",
+            path=str(dev_dir / "enable"),
+        )
+    fd = _open_resource(fn, path, owner)
     try:
         actual = os.fstat(fd).st_size
         if actual < size:
