@@ -16,9 +16,14 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from ..core import protocol
 from ..errors import BusTimeout
+
+if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
+    from ..backends.base import IvshmemDevice
+    from ..transport import DeviceDescription
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -61,7 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_description(vmid: int, d) -> None:
+def _print_description(vmid: int, d: DeviceDescription) -> None:
     print(f"probe of vmid {vmid}:")
     print(f"  device:    {d.device_name} (virtio id {d.device_id})")
     print(f"  vendor:    {d.vendor}")
@@ -83,7 +88,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _backend(args: argparse.Namespace):
+def _backend(args: argparse.Namespace) -> IvshmemDevice:
     from ..backends import open_backend
 
     _default_to_fake(args)
