@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.synchronize import Event as ProcessEvent
 
 from .backends.base import IvshmemDevice
 from .backends.fake import fake_pair
@@ -40,7 +41,7 @@ def _serve_child(
     peer_vmid: int,
     profile: str,
     make: Callable[[], VirtioMsgDevice],
-    stop,
+    stop: ProcessEvent,
     spin: float,
     coalesce: bool = False,
 ) -> None:
