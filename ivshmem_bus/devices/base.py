@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 QEMU_MAX_QUEUE_SIZE = 1024
 MAX_EVENTS = 256  # unconsumed events kept for inspection; the oldest go first
-_EVENT_CONFIG_VALUE = {"qemu-v0": 16, "spec-v1": 24}  # config bytes an EVENT_CONFIG carries
 
 ChainHandler = Callable[[Chain], int]
 """Consumes one chain; returns the bytes it wrote into the chain's writable buffers."""
@@ -147,7 +146,8 @@ class VirtioMsgDevice:
         self.queues = {i: _Vqueue() for i in range(self.num_queues)}
 
     def close(self) -> None:
-        """Release what the device holds (host I/O of a console); the base holds nothing."""
+        """Drop the queues (their views of the window) before the window closes."""
+        self.reset()
 
     def handle(self, msg: p.Message) -> p.Message | None:
         """The response to ``msg``, or None (events, RESET_VQUEUE in qemu-v0, unknowns)."""
@@ -267,9 +267,12 @@ class VirtioMsgDevice:
         self.generation = (self.generation + 1) & 0xFFFFFFFF
         if not self.status & DRIVER:
             return  # no driver yet: it reads the config when it comes
-        value = bytes(data) if len(data) <= _EVENT_CONFIG_VALUE[self.profile] else b""
-        size = len(value) if value else 0
-        self.outbox.append(p.EventConfig(self.status, self.generation, offset, size, value))
+        event = p.EventConfig(self.status, self.generation, offset, len(data), bytes(data))
+        try:
+            p.encode(event, self.profile)
+        except ValueError:  # more bytes than the profile's field holds: the driver re-reads
+            event = p.EventConfig(self.status, self.generation, offset, 0)
+        self.outbox.append(event)
 
     # Per-message answers ----------------------------------------------------------------------
 

@@ -124,7 +124,7 @@ class MemoryIO(HostIO):
         return taken
 
     def take(self) -> bytes:
-        parts = []
+        parts: list[bytes | None] = []
         while True:
             try:
                 chunk = self._out.get_nowait()

@@ -13,8 +13,8 @@ the driver sees the source is exhausted instead of receiving anything else.
 
 from __future__ import annotations
 
+import io
 import os
-from typing import BinaryIO
 
 from ..core.virtio import VIRTIO_F_VERSION_1
 from ..core.virtqueue import Chain
@@ -48,16 +48,16 @@ class RngDevice(VirtioMsgDevice):
     ) -> None:
         super().__init__(profile, window=window)
         self.source_path = os.fspath(source) if source is not None else "/dev/urandom"
-        self._source: BinaryIO | None = None
+        self._source: io.FileIO | None = None
         if source is not None:  # a missing file fails here, not at the first request
-            self._source = open(self.source_path, "rb", buffering=0)  # noqa: SIM115
+            self._source = io.FileIO(self.source_path, "rb")
         self._exhausted = False
         self.served = 0  # bytes written into requests
         self.handlers[REQUESTQ] = self._fill
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> io.FileIO:
         if self._source is None:
-            self._source = open(self.source_path, "rb", buffering=0)  # noqa: SIM115
+            self._source = io.FileIO(self.source_path, "rb")
         return self._source
 
     def _fill(self, chain: Chain) -> int:
@@ -81,6 +81,7 @@ class RngDevice(VirtioMsgDevice):
         return written
 
     def close(self) -> None:
+        super().close()
         if self._source is not None:
             self._source.close()
             self._source = None

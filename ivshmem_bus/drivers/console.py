@@ -56,11 +56,12 @@ class ConsoleDriver:
         self.driver = driver
         alloc = allocator or allocator_for(window)
         self.features = driver.negotiate(VIRTIO_F_VERSION_1 | 1 << VIRTIO_CONSOLE_F_SIZE)
-        shape = {"buffer_size": buffer_size}
-        self.rx = DriverVirtqueue(driver, 0, queue_size, window, alloc, buffers=rx_buffers, **shape)
+        self.rx = DriverVirtqueue(
+            driver, 0, queue_size, window, alloc, buffers=rx_buffers, buffer_size=buffer_size
+        )
         try:
             self.tx = DriverVirtqueue(
-                driver, 1, queue_size, window, alloc, buffers=tx_buffers, **shape
+                driver, 1, queue_size, window, alloc, buffers=tx_buffers, buffer_size=buffer_size
             )
         except BaseException:
             self.rx.close()

@@ -117,6 +117,8 @@ class DriverVirtqueue:
         return [(int(token), n) for token, n in self.queue.reap()]  # type: ignore[call-overload]
 
     def close(self) -> None:
-        """Give the queue's and buffers' memory back (after a reset or RESET_VQUEUE)."""
+        """Give the queue's and buffers' memory back (after a reset or RESET_VQUEUE) and drop
+        the ring's views of the window (so the window, then BAR2, can close). Idempotent."""
         while self._blocks:
             self._alloc.free(self._blocks.pop())
+        self.__dict__.pop("queue", None)
