@@ -16,6 +16,7 @@ from types import ModuleType
 from .. import __version__
 from ..core import protocol
 from ..errors import IvshmemBusError
+from .data import add_data_commands, add_serve_args
 from .link import (
     cmd_demo,
     cmd_monitor,
@@ -148,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the Python virtio-msg device (device role)")
     _add_backend_args(serve)
-    serve.add_argument("--device-type", choices=["rng"], default="rng")
+    add_serve_args(serve)
     serve.add_argument(
         "--wait",
         type=float,
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--interval", type=float, default=1e-4, metavar="SECONDS")
     monitor.set_defaults(func=cmd_monitor)
 
+    add_data_commands(sub, _add_backend_args)
     _add_bench(sub)
     return parser
 
