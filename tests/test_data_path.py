@@ -148,7 +148,9 @@ def test_console_bytes_both_ways_no_loss_no_reordering_with_few_buffers():
             got = bytearray()
             sent = 0
             deadline = time.monotonic() + 60
-            while (len(got) < len(host_in) or sent < len(driver_out)) and time.monotonic() < deadline:
+            while (
+                len(got) < len(host_in) or sent < len(driver_out)
+            ) and time.monotonic() < deadline:
                 if sent < len(driver_out):
                     console.write(driver_out[sent : sent + 1000])
                     sent += 1000
@@ -238,7 +240,7 @@ def test_a_hostile_descriptor_sets_needs_reset_and_the_bus_keeps_answering():
 def test_a_queue_the_device_cannot_reach_is_refused_with_a_clear_error():
     a, b = fake_pair()
     try:
-        with linked(a, b, RngDevice) as (driver, window):
+        with linked(a, b, RngDevice) as (driver, _window):
             driver.negotiate()
             with pytest.raises(DriverError, match="refused virtqueue 0"):
                 driver.set_vqueue(0, 16, 0x100, 0x200, 0x300)  # inside the message queues

@@ -14,9 +14,15 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
+from ..backends.base import IvshmemDevice
 from ..devices import ConsoleDevice, RngDevice, VirtioMsgDevice
 from ..devices.hostio import FdIO, HostIO, PtyIO, SocketIO
+
+if TYPE_CHECKING:
+    from ..drivers import VirtioMsgDriver
+    from ..memory import PoolWindow
 
 __all__ = ["add_data_commands", "add_serve_args", "cmd_console", "cmd_rng", "served_device"]
 
@@ -59,6 +65,7 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
     host = serve.add_mutually_exclusive_group()
     host.add_argument("--console-socket", metavar="PATH", help="console: a UNIX socket to attach")
     host.add_argument("--console-pty", action="store_true", help="console: a new pty to attach")
+    serve.set_defaults(served_device=served_device)  # what link.cmd_serve opens
 
 
 def add_data_commands(
@@ -89,7 +96,7 @@ def add_data_commands(
 
 
 @contextlib.contextmanager
-def _driver_link(args: argparse.Namespace) -> Iterator[tuple[object, object]]:
+def _driver_link(args: argparse.Namespace) -> Iterator[tuple[VirtioMsgDriver, PoolWindow]]:
     """(transport driver, pool window) on the backend the options name."""
     from ..backends.peers import resolve_remote_vmid
     from ..bus import VirtioMsgBus
@@ -111,7 +118,7 @@ def cmd_rng(args: argparse.Namespace) -> int:
 
     out = sys.stdout.buffer
     with _driver_link(args) as (driver, window):
-        rng = RngDriver(driver, window)  # type: ignore[arg-type]
+        rng = RngDriver(driver, window)
         try:
             for chunk in rng.iter_entropy(args.bytes):
                 out.write(chunk)
@@ -125,7 +132,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     from ..drivers import ConsoleDriver
 
     with _driver_link(args) as (driver, window):
-        console = ConsoleDriver(driver, window)  # type: ignore[arg-type]
+        console = ConsoleDriver(driver, window)
         try:
             with _raw_terminal(0) as tty:
                 if tty:
@@ -154,7 +161,7 @@ def _raw_terminal(fd: int) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def served_device(args: argparse.Namespace, dev) -> Iterator[VirtioMsgDevice]:  # noqa: ANN001
+def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[VirtioMsgDevice]:
     """The device ``serve --device-type`` names, over the window ``--mem`` names; closed
     (device, host side, window, in that order) when the block ends.
 

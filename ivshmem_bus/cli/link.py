@@ -150,10 +150,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..backends.peers import follow_single_peer, resolve_remote_vmid
     from ..bus import VirtioMsgBus, reset_queues_of
     from ..transport import status_names
-    from .data import served_device
 
     stop = _stop_on_signals()
-    with _backend(args) as dev, served_device(args, dev) as device:
+    with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
         if args.reset_queues:
             reset_queues_of(dev)  # before any peer can have sent us anything
         print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)

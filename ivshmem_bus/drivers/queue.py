@@ -73,9 +73,7 @@ class DriverVirtqueue:
         try:
             base = self._take(VirtqLayout.packed_at(0, size).total_bytes, PAGE)
             layout = VirtqLayout.packed_at(base, size)
-            self.queue = DriverQueue(
-                window, index, layout, event_idx=event_idx, indirect=indirect
-            )
+            self.queue = DriverQueue(window, index, layout, event_idx=event_idx, indirect=indirect)
             self.buffer_size = buffer_size
             first = self._take(buffers * buffer_size, BUFFER_ALIGN) if buffers else 0
             self.addrs = [first + i * buffer_size for i in range(buffers)]

@@ -1,0 +1,148 @@
+"""``rng``, ``console`` and ``serve --device-type`` through the real entry point, on a fake fabric.
+
+Each command is its own ``python -m ivshmem_bus`` process, as in two shells; the checks are
+the bytes on stdout and the exit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ivshmem_bus", *args]
+
+
+class Serve:
+    """``serve`` in the background on the fabric in ``fabric``; stdout and stderr to files."""
+
+    def __init__(self, tmp_path: Path, fabric: Path, *args: str, stdin=subprocess.DEVNULL):
+        self.out = tmp_path / "serve.out"
+        self.err = tmp_path / "serve.err"
+        self._files = [self.out.open("wb"), self.err.open("wb")]
+        self.proc = subprocess.Popen(
+            cli("serve", "--fake", str(fabric), *args),
+            stdin=stdin, stdout=self._files[0], stderr=self._files[1], cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while b"waiting for the driver" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve did not start:\n{self.log().decode()}")
+            time.sleep(0.02)
+
+    def log(self) -> bytes:
+        return self.out.read_bytes() + self.err.read_bytes()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        for f in self._files:
+            f.close()
+        return rc
+
+
+@pytest.fixture
+def fabric(tmp_path):
+    """A fake fabric's directory; its server (started by the first command) is stopped after."""
+    path = tmp_path / "fabric"
+    yield path
+    pid_file = path / "server.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def run(*args: str, stdin: bytes = b"", timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), input=stdin, capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+def test_rng_writes_exactly_n_bytes_of_the_sources_stream(tmp_path, fabric):
+    data = os.urandom(300_000)
+    (tmp_path / "src").write_bytes(data)
+    serve = Serve(tmp_path, fabric, "--device-type", "rng", "--source", str(tmp_path / "src"))
+    try:
+        got = run("rng", "--fake", str(fabric), "-n", "200K")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == data[:204800]
+        # the device keeps its place in the file: the next driver gets the rest, then an error
+        rest = run("rng", "--fake", str(fabric), "-n", "95200")
+        assert rest.returncode == 0, rest.stderr
+        assert rest.stdout == data[204800:]
+        empty = run("rng", "--fake", str(fabric), "-n", "1")
+        assert empty.returncode == 1
+        assert b"entropy source is exhausted" in empty.stderr
+    finally:
+        assert serve.stop() == 0
+
+
+def test_rng_from_urandom_over_a_file_window(tmp_path, fabric):
+    # The fabric's BAR2 is the server's file: a FileWindow over it at mem-offset 0 reads the
+    # driver's pool addresses (BAR2 offsets) as the pool window does.
+    shm = tmp_path / "bar2"
+    shm.write_bytes(bytes(4 << 20))
+    sock = fabric / "ivshmem.sock"
+    fabric.mkdir()
+    server = subprocess.Popen(
+        cli("server", "-S", str(sock), "-l", "4M", "-n", "2", "-m", str(shm)), cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        serve = Serve(tmp_path, fabric, "--mem", str(shm), "--mem-offset", "0")
+        try:
+            got = run("rng", "--fake", str(fabric), "-n", "1M")
+            assert got.returncode == 0, got.stderr
+            assert len(got.stdout) == 1 << 20 and len(set(got.stdout)) == 256
+        finally:
+            assert serve.stop() == 0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
+
+
+def test_bad_byte_counts_are_usage_errors(fabric):
+    got = run("rng", "--fake", str(fabric), "-n", "12Q")
+    assert got.returncode == 2
+    assert b"is not a byte count" in got.stderr
+
+
+def test_rng_with_nobody_serving_fails_with_a_message(tmp_path, fabric):
+    got = run("rng", "--fake", str(fabric), "--remote-vmid", "7", "--timeout", "0.3")
+    assert got.returncode == 1
+    assert b"no response" in got.stderr
+
+
+def test_console_bytes_both_ways_through_the_commands(tmp_path, fabric):
+    host_r, host_w = os.pipe()
+    serve = Serve(tmp_path, fabric, "--device-type", "console", stdin=host_r)
+    os.close(host_r)
+    try:
+        os.write(host_w, b"from the host side\n")
+        got = run("console", "--fake", str(fabric), "--linger", "1", stdin=b"from the driver\n")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == b"from the host side\n"
+        deadline = time.monotonic() + 10
+        while serve.out.read_bytes() != b"from the driver\n" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert serve.out.read_bytes() == b"from the driver\n"  # the console's bytes only
+        assert b"serving virtio console (id 3)" in serve.err.read_bytes()
+    finally:
+        os.close(host_w)
+        assert serve.stop() == 0
