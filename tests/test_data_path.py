@@ -22,7 +22,7 @@ from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.core import protocol as p
 from ivshmem_bus.core.virtio import DRIVER_OK, NEEDS_RESET
-from ivshmem_bus.core.virtqueue import Chain
+from ivshmem_bus.core.virtqueue import VIRTIO_F_EVENT_IDX, Chain
 from ivshmem_bus.demo import served_device
 from ivshmem_bus.devices import ConsoleDevice, RngDevice, VirtioMsgDevice
 from ivshmem_bus.devices.hostio import FdIO
@@ -31,6 +31,8 @@ from ivshmem_bus.drivers.queue import DriverVirtqueue
 from ivshmem_bus.errors import DriverError
 from ivshmem_bus.memory import open_window
 from ivshmem_bus.server import IvshmemServer
+
+EVENT_IDX = 1 << VIRTIO_F_EVENT_IDX
 
 
 @contextmanager
@@ -68,6 +70,21 @@ def test_rng_driver_reads_the_sources_first_bytes_over_the_fake_pair(source, pro
             assert rng.read_entropy((1 << 20) - 1000) == data[1000:]  # continues in order
             with pytest.raises(DriverError, match="entropy source is exhausted"):
                 rng.read_entropy(1)
+            rng.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rng_with_event_idx_negotiated(source):
+    path, data = source
+    a, b = fake_pair(shm_size=4 << 20)
+    try:
+        make = lambda: RngDevice(source=path, ring_features=EVENT_IDX)  # noqa: E731
+        with linked(a, b, make) as (driver, window):
+            rng = RngDriver(driver, window, buffers=3, buffer_size=4096, event_idx=True)
+            assert driver.features & EVENT_IDX
+            assert rng.read_entropy(1 << 20) == data
             rng.close()
     finally:
         a.close()
@@ -128,19 +145,26 @@ def _drain(fd: int, n: int, out: bytearray) -> threading.Thread:
     return t
 
 
-def test_console_bytes_both_ways_no_loss_no_reordering_with_few_buffers():
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "event-idx"])
+def test_console_bytes_both_ways_no_loss_no_reordering_with_few_buffers(event_idx):
     to_dev_r, to_dev_w = os.pipe()  # host -> device's stdin
     from_dev_r, from_dev_w = os.pipe()  # device's stdout -> host
     host_in = bytes(range(256)) * 600  # 153600 bytes each way
     driver_out = bytes(reversed(range(256))) * 600
     a, b = fake_pair(shm_size=1 << 20)
     try:
-        with linked(a, b, lambda: ConsoleDevice(FdIO(to_dev_r, from_dev_w))) as (driver, window):
+
+        def make() -> ConsoleDevice:
+            return ConsoleDevice(FdIO(to_dev_r, from_dev_w), ring_features=EVENT_IDX)
+
+        with linked(a, b, make) as (driver, window):
             os.close(to_dev_r)
             os.close(from_dev_w)
             console = ConsoleDriver(
-                driver, window, rx_buffers=2, tx_buffers=2, buffer_size=64, queue_size=4
-            )
+                driver, window, rx_buffers=2, tx_buffers=2, buffer_size=64, queue_size=4,
+                event_idx=event_idx,
+            )  # fmt: skip
+            assert bool(console.features & EVENT_IDX) == event_idx
             assert console.size() == (80, 25)
             host_got = bytearray()
             feeder = _pump(to_dev_w, host_in)

@@ -62,12 +62,14 @@ from ..core.window import MemoryWindow
 from ..errors import VirtqueueError
 from .serve import serve_device
 
-__all__ = ["QEMU_MAX_QUEUE_SIZE", "ChainHandler", "VirtioMsgDevice"]
+__all__ = ["QEMU_MAX_QUEUE_SIZE", "RING_FEATURES", "ChainHandler", "VirtioMsgDevice"]
 
 log = logging.getLogger(__name__)
 
 QEMU_MAX_QUEUE_SIZE = 1024
 MAX_EVENTS = 256  # unconsumed events kept for inspection; the oldest go first
+
+RING_FEATURES = 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC
 
 ChainHandler = Callable[[Chain], int]
 """Consumes one chain; returns the bytes it wrote into the chain's writable buffers."""
@@ -96,6 +98,8 @@ class VirtioMsgDevice:
         window: the memory the driver's addresses resolve through; None: no data path
             (``serve`` then opens the pool in the bus device's BAR2 when the device has
             queues and BAR2 has room).
+        ring_features: VIRTIO_F_EVENT_IDX / VIRTIO_F_INDIRECT_DESC bits to offer as well (the
+            queues use each only when the driver accepted it).
 
     Attributes:
         handlers: queue index -> ``ChainHandler``.
@@ -116,8 +120,19 @@ class VirtioMsgDevice:
     batch_seconds = 2e-4  # ... and the time after which it stops at the next chain
 
     def __init__(
-        self, profile: str = "qemu-v0", config: bytes = b"", window: MemoryWindow | None = None
+        self,
+        profile: str = "qemu-v0",
+        config: bytes = b"",
+        window: MemoryWindow | None = None,
+        *,
+        ring_features: int = 0,
     ) -> None:
+        if ring_features & ~RING_FEATURES:
+            raise ValueError(
+                f"ring_features 0x{ring_features:x}: only RING_INDIRECT_DESC (bit 28) and "
+                "RING_EVENT_IDX (bit 29) are ring features"
+            )
+        self.device_features = type(self).device_features | ring_features
         self.profile = profile
         self.config = bytearray(config)
         self.window = window

@@ -67,8 +67,9 @@ class ConsoleDevice(VirtioMsgDevice):
         cols: int = 80,
         rows: int = 25,
         window: MemoryWindow | None = None,
+        ring_features: int = 0,
     ) -> None:
-        super().__init__(profile, console_config(cols, rows), window)
+        super().__init__(profile, console_config(cols, rows), window, ring_features=ring_features)
         self.io = io
         self._pending = bytearray()  # host bytes taken from io, not yet in a receive buffer
         self.received = 0  # bytes the driver transmitted

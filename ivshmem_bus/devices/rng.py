@@ -33,6 +33,7 @@ class RngDevice(VirtioMsgDevice):
         profile: the wire profile.
         source: a file to serve in order instead of ``/dev/urandom``.
         window: the memory window (``serve`` defaults to the pool).
+        ring_features: EVENT_IDX / INDIRECT_DESC to offer (``VirtioMsgDevice``).
     """
 
     device_id = 4
@@ -45,8 +46,9 @@ class RngDevice(VirtioMsgDevice):
         *,
         source: str | os.PathLike[str] | None = None,
         window: MemoryWindow | None = None,
+        ring_features: int = 0,
     ) -> None:
-        super().__init__(profile, window=window)
+        super().__init__(profile, window=window, ring_features=ring_features)
         self.source_path = os.fspath(source) if source is not None else "/dev/urandom"
         self._source: io.FileIO | None = None
         if source is not None:  # a missing file fails here, not at the first request

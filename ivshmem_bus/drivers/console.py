@@ -17,6 +17,7 @@ import struct
 import time
 
 from ..core.virtio import VIRTIO_F_VERSION_1
+from ..core.virtqueue import VIRTIO_F_EVENT_IDX
 from ..core.window import MemoryWindow
 from ..errors import DriverError
 from .base import VirtioMsgDriver
@@ -46,6 +47,7 @@ class ConsoleDriver:
         tx_buffers: int = 8,
         buffer_size: int = 4096,
         queue_size: int = 16,
+        event_idx: bool = False,
     ) -> None:
         info = driver.probe(max_queues=2)
         if info.device_id != DEVICE_ID:
@@ -55,14 +57,19 @@ class ConsoleDriver:
             )
         self.driver = driver
         alloc = allocator or allocator_for(window)
-        self.features = driver.negotiate(VIRTIO_F_VERSION_1 | 1 << VIRTIO_CONSOLE_F_SIZE)
-        self.rx = DriverVirtqueue(
-            driver, 0, queue_size, window, alloc, buffers=rx_buffers, buffer_size=buffer_size
+        self.features = driver.negotiate(
+            VIRTIO_F_VERSION_1 | 1 << VIRTIO_CONSOLE_F_SIZE | event_idx << VIRTIO_F_EVENT_IDX
         )
+        eidx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
+        self.rx = DriverVirtqueue(
+            driver, 0, queue_size, window, alloc, buffers=rx_buffers, buffer_size=buffer_size,
+            event_idx=eidx,
+        )  # fmt: skip
         try:
             self.tx = DriverVirtqueue(
-                driver, 1, queue_size, window, alloc, buffers=tx_buffers, buffer_size=buffer_size
-            )
+                driver, 1, queue_size, window, alloc, buffers=tx_buffers, buffer_size=buffer_size,
+                event_idx=eidx,
+            )  # fmt: skip
         except BaseException:
             self.rx.close()
             raise

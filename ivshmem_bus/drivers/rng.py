@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..core.virtio import VIRTIO_F_VERSION_1
+from ..core.virtqueue import VIRTIO_F_EVENT_IDX
 from ..core.window import MemoryWindow
 from ..errors import DriverError
 from .base import VirtioMsgDriver
@@ -29,6 +30,7 @@ class RngDriver:
         window: the memory both sides reach (the driver's pool window).
         allocator: defaults to the window's own (``queue.allocator_for``).
         buffers, buffer_size, queue_size: the request queue's shape.
+        event_idx: ask for VIRTIO_F_EVENT_IDX (used when the device offers it).
 
     Raises:
         DriverError: the remote device is not an entropy device, or refused the setup.
@@ -43,6 +45,7 @@ class RngDriver:
         buffers: int = 8,
         buffer_size: int = 65536,
         queue_size: int = 64,
+        event_idx: bool = False,
     ) -> None:
         info = driver.probe(max_queues=1)
         if info.device_id != DEVICE_ID:
@@ -51,10 +54,11 @@ class RngDriver:
                 "(id 4): serve it with --device-type rng"
             )
         self.driver = driver
-        driver.negotiate(VIRTIO_F_VERSION_1)
+        features = driver.negotiate(VIRTIO_F_VERSION_1 | event_idx << VIRTIO_F_EVENT_IDX)
         self.requestq = DriverVirtqueue(
             driver, 0, queue_size, window, allocator or allocator_for(window),
             buffers=buffers, buffer_size=buffer_size,
+            event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
         )  # fmt: skip
         driver.driver_ok()
         self._lengths = [0] * buffers
