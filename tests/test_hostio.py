@@ -69,12 +69,14 @@ def test_a_full_input_queue_stops_reading_the_host_side():
     try:
         os.set_blocking(w, False)
         written = 0
-        try:
-            while True:  # until the pipe itself is full: the reader stopped taking
+        refused = 0
+        while refused < 5:  # until the pipe stays full: the reader stopped taking
+            try:
                 written += os.write(w, b"x" * 4096)
-        except BlockingIOError:
-            pass
-        time.sleep(0.1)
+                refused = 0
+            except BlockingIOError:
+                refused += 1
+                time.sleep(0.05)
         held = len(io.read_nowait(1 << 30))
         assert held <= CHUNK * DEPTH < written  # the rest waits in the pipe, not lost
         rest = _read_until(io, written - held)

@@ -88,6 +88,13 @@ class _Vqueue:
     notify: bool = True  # we last asked for EVENT_AVAIL
 
 
+def _release(vq: _Vqueue) -> None:
+    """Drop a queue's views of the window (it is being replaced or reset)."""
+    if vq.queue is not None:
+        vq.queue.release()
+        vq.queue = None
+
+
 class VirtioMsgDevice:
     """A virtio device presented over virtio-msg: subclass, set the class attributes, and put
     one handler per queue in ``handlers``.
@@ -155,6 +162,8 @@ class VirtioMsgDevice:
     def reset(self) -> None:
         """Back to power-on state: status 0, no driver features, queues unconfigured. The
         config space and generation stay (they are the device's, not the driver's)."""
+        for vq in getattr(self, "queues", {}).values():
+            _release(vq)
         self.status = 0
         self.driver_features = 0
         self.generation = getattr(self, "generation", 0)
@@ -365,6 +374,7 @@ class VirtioMsgDevice:
 
     def _set_vqueue(self, msg: p.SetVqueue) -> p.Message:
         if msg.index in self.queues:
+            _release(self.queues[msg.index])
             self.queues[msg.index] = self._bind(msg)
         if self.profile == "spec-v1":
             return p.SetVqueueResponse()
@@ -401,6 +411,7 @@ class VirtioMsgDevice:
 
     def _reset_vqueue(self, msg: p.ResetVqueue) -> p.Message | None:
         if msg.index in self.queues:
+            _release(self.queues[msg.index])
             self.queues[msg.index] = _Vqueue()
         return p.ResetVqueueResponse() if self.profile == "spec-v1" else None
 

@@ -119,4 +119,6 @@ class DriverVirtqueue:
         the ring's views of the window (so the window, then BAR2, can close). Idempotent."""
         while self._blocks:
             self._alloc.free(self._blocks.pop())
-        self.__dict__.pop("queue", None)
+        queue = self.__dict__.pop("queue", None)
+        if queue is not None:
+            queue.release()
