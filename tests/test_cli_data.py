@@ -110,6 +110,16 @@ def test_rng_from_urandom_over_a_file_window(tmp_path, fabric):
             got = run("rng", "--fake", str(fabric), "-n", "1M")
             assert got.returncode == 0, got.stderr
             assert len(got.stdout) == 1 << 20 and len(set(got.stdout)) == 256
+            # a reader that stops early (| head -c 10): exit 141 as cat does, no traceback
+            reader = subprocess.Popen(
+                cli("rng", "--fake", str(fabric), "-n", "64M"), cwd=ROOT,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            assert len(reader.stdout.read(10)) == 10
+            reader.stdout.close()
+            assert reader.wait(30) == 141
+            assert reader.stderr.read() == b""
+            reader.stderr.close()
         finally:
             assert serve.stop() == 0
     finally:

@@ -122,9 +122,14 @@ def cmd_rng(args: argparse.Namespace) -> int:
         try:
             for chunk in rng.iter_entropy(args.bytes):
                 out.write(chunk)
+            out.flush()
+        except BrokenPipeError:  # `| head -c N` took what it wanted: stop, as cat does
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush goes there
+            os.close(devnull)
+            return 141  # 128 + SIGPIPE, what a shell reports for cat
         finally:
             rng.close()
-    out.flush()
     return 0
 
 
