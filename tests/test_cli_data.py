@@ -156,3 +156,26 @@ def test_console_bytes_both_ways_through_the_commands(tmp_path, fabric):
     finally:
         os.close(host_w)
         assert serve.stop() == 0
+
+
+def test_console_over_a_unix_socket(tmp_path, fabric):
+    import socket
+
+    path = tmp_path / "console.sock"
+    serve = Serve(tmp_path, fabric, "--device-type", "console", "--console-socket", str(path))
+    try:
+        assert f"console on UNIX socket {path}".encode() in serve.out.read_bytes()
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.settimeout(10)
+        client.sendall(b"typed at the socket\n")
+        got = run("console", "--fake", str(fabric), "--linger", "1", stdin=b"to the socket\n")
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == b"typed at the socket\n"
+        seen = b""
+        while len(seen) < 14:
+            seen += client.recv(100)
+        assert seen == b"to the socket\n"
+        client.close()
+    finally:
+        assert serve.stop() == 0

@@ -271,3 +271,36 @@ def test_a_queue_the_device_cannot_reach_is_refused_with_a_clear_error():
     finally:
         a.close()
         b.close()
+
+
+class ResizingConsole(ConsoleDevice):
+    """A console whose terminal is resized as soon as the driver is ready."""
+
+    def __init__(self) -> None:
+        super().__init__(FdIO(os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY)))
+        self.on_status = self._resize_on_ready
+
+    def _resize_on_ready(self, old: int, new: int) -> None:
+        if new & DRIVER_OK and not old & DRIVER_OK:
+            self.resize(132, 43)
+
+
+@pytest.mark.parametrize("profile", p.PROFILES)
+def test_a_config_change_reaches_the_driver_as_event_config(profile):
+    a, b = fake_pair()
+    try:
+        with linked(a, b, ResizingConsole, profile) as (driver, window):
+            console = ConsoleDriver(driver, window)
+            event = driver.wait_event(5)
+            while event is not None and not isinstance(event, p.EventConfig):
+                event = driver.wait_event(5)
+            assert isinstance(event, p.EventConfig)
+            assert (event.offset, event.size) == (0, 4)
+            assert event.config_value == struct.pack("<HH", 132, 43)
+            assert driver.config_generation == event.generation == 1
+            assert console.size() == (132, 43)
+            assert driver.read_config(0, 4) == (1, struct.pack("<HH", 132, 43))
+            console.close()
+    finally:
+        a.close()
+        b.close()
