@@ -89,6 +89,7 @@ class VirtioMsgDriver:
     """The driver role of the transport: one request per call over a driver-role bus.
 
     Attributes:
+        features: the features ``negotiate`` chose.
         config_generation: the generation the last EVENT_CONFIG carried (None: none came).
         device_status: the status the last EVENT_CONFIG carried (NEEDS_RESET shows here).
     """
@@ -100,6 +101,7 @@ class VirtioMsgDriver:
         self.timeout = timeout
         self.config_generation: int | None = None
         self.device_status: int | None = None
+        self.features = 0  # what negotiate() chose
 
     def _req(self, msg: p.Message, cls: type[M]) -> M:
         resp = self.bus.request(msg, self.timeout)
