@@ -27,7 +27,7 @@ from ivshmem_bus.demo import served_device
 from ivshmem_bus.devices import ConsoleDevice, RngDevice, VirtioMsgDevice
 from ivshmem_bus.devices.hostio import FdIO
 from ivshmem_bus.drivers import ConsoleDriver, RngDriver, VirtioMsgDriver
-from ivshmem_bus.drivers.queue import DriverVirtqueue
+from ivshmem_bus.drivers.queue import DriverVirtqueue, allocator_for
 from ivshmem_bus.errors import DriverError
 from ivshmem_bus.memory import open_window
 from ivshmem_bus.server import IvshmemServer
@@ -206,8 +206,6 @@ class SlowDevice(VirtioMsgDevice):
 
 
 def _queue(driver: VirtioMsgDriver, window, size: int = 256, buffers: int = 200):
-    from ivshmem_bus.drivers.queue import allocator_for
-
     driver.negotiate()
     q = DriverVirtqueue(driver, 0, size, window, allocator_for(window), buffers=buffers,
                         buffer_size=16)  # fmt: skip
@@ -301,6 +299,34 @@ def test_a_config_change_reaches_the_driver_as_event_config(profile):
             assert console.size() == (132, 43)
             assert driver.read_config(0, 4) == (1, struct.pack("<HH", 132, 43))
             console.close()
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("profile", p.PROFILES)
+def test_reset_vqueue_drops_the_queue_and_a_new_one_works(profile, source):
+    path, data = source
+    a, b = fake_pair()
+    try:
+        with linked(a, b, lambda: RngDevice(source=path), profile) as (driver, window):
+            q = _queue(driver, window, size=8, buffers=2)
+            q.post_writable(0)
+            q.kick()
+            while not (done := q.reap()):
+                assert driver.wait_event(5) is not None
+            assert done == [(0, 16)] and bytes(q.view(0)) == data[:16]
+            driver.reset_vqueue(0)
+            assert driver.get_vqueue(0).size == 0  # the device dropped it
+            q.close()
+            q = DriverVirtqueue(driver, 0, 8, window, allocator_for(window), buffers=1,
+                                buffer_size=16)  # fmt: skip
+            q.post_writable(0)
+            q.kick()
+            while not (done := q.reap()):
+                assert driver.wait_event(5) is not None
+            assert bytes(q.view(0)) == data[16:32]  # the source continues
+            q.close()
     finally:
         a.close()
         b.close()

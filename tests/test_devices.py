@@ -298,3 +298,16 @@ def test_console_bytes_wait_for_receive_buffers_none_lost_none_reordered():
         if len(out) == len(data):
             break
     assert bytes(out) == data
+
+
+def test_answers_per_profile_for_reset_vqueue_device_info_and_ping():
+    qemu, spec, linux = (RngDevice(profile=name) for name in ("qemu-v0", "spec-v1", "linux-v0"))
+    assert qemu.handle(p.ResetVqueue(0)) is None  # QEMU's device never replies
+    assert spec.handle(p.ResetVqueue(0)) == p.ResetVqueueResponse()
+    assert linux.handle(p.ResetVqueue(0)) == p.ResetVqueueResponse(0)
+    assert linux.handle(p.ResetVqueue(5)) == p.ResetVqueueResponse(5)  # echoed, even unknown
+    assert qemu.handle(p.DeviceInfo()).max_virtqueues == 0  # qemu-v0 cannot carry it
+    assert spec.handle(p.DeviceInfo()).max_virtqueues == 1
+    assert linux.handle(p.DeviceInfo()).max_virtqueues == 1
+    assert spec.handle(p.BusPing(77)) == p.BusPingResponse(77)
+    assert linux.handle(p.BusPing(78)) == p.BusPingResponse(78)

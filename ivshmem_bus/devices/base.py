@@ -4,7 +4,8 @@ Control plane: every request is answered the way QEMU's virtio-msg.c device side
 (docs/wire-format.md §4): vendor "QEMU", 64 feature bits, GET_VQUEUE max_size 1024 for an
 existing queue and 0 past the last, config sizes 0/1/2/4 (and 8, which the qemu-v0 data field
 also carries), FEATURES_OK refused when the driver asked for features the device does not
-offer, no reply to RESET_VQUEUE in qemu-v0.
+offer, no reply to RESET_VQUEUE in qemu-v0 (spec-v1: an empty one, linux-v0: the index
+echoed, docs/wire-format.md §12), PING (spec-v1, linux-v0) echoed.
 
 Data path (docs/virtqueues.md): SET_VQUEUE binds queue ``index`` to the
 device's memory window as a ``DeviceQueue`` once its size (a power of two, at most
@@ -154,7 +155,7 @@ class VirtioMsgDevice:
             p.SetDeviceStatus: self._set_status, p.GetConfig: self._get_config,
             p.SetConfig: self._set_config, p.GetVqueue: self._get_vqueue,
             p.SetVqueue: self._set_vqueue, p.ResetVqueue: self._reset_vqueue,
-            p.EventAvail: self._event_avail,
+            p.EventAvail: self._event_avail, p.BusPing: self._ping,
         }  # fmt: skip
         self._rr = 0
         self.reset()
@@ -301,7 +302,7 @@ class VirtioMsgDevice:
     # Per-message answers ----------------------------------------------------------------------
 
     def _device_info(self, msg: p.DeviceInfo) -> p.Message:
-        extra = {"max_virtqueues": self.num_queues} if self.profile == "spec-v1" else {}
+        extra = {"max_virtqueues": self.num_queues} if self.profile != "qemu-v0" else {}
         return p.DeviceInfoResponse(
             self.device_id, self.vendor_id, self.num_feature_bits, len(self.config), **extra
         )
@@ -413,7 +414,12 @@ class VirtioMsgDevice:
         if msg.index in self.queues:
             _release(self.queues[msg.index])
             self.queues[msg.index] = _Vqueue()
-        return p.ResetVqueueResponse() if self.profile == "spec-v1" else None
+        if self.profile == "qemu-v0":
+            return None  # QEMU's device never replies
+        return p.ResetVqueueResponse(msg.index if self.profile == "linux-v0" else 0)
+
+    def _ping(self, msg: p.BusPing) -> p.Message:
+        return p.BusPingResponse(msg.data)
 
     def _event_avail(self, msg: p.EventAvail) -> None:
         vq = self.queues.get(msg.index)
