@@ -330,3 +330,31 @@ def test_reset_vqueue_drops_the_queue_and_a_new_one_works(profile, source):
     finally:
         a.close()
         b.close()
+
+
+def test_a_driver_that_never_reads_events_does_not_stall_the_device():
+    """200 kicks, 200 EVENT_USED owed, and a device->driver queue of 63 slots: the device
+    keeps its events back (merged per queue) instead of blocking, and answers requests."""
+    a, b = fake_pair()
+    try:
+        with linked(a, b, RngDevice) as (driver, window):
+            q = _queue(driver, window, size=256, buffers=200)
+            used = 0
+            for buf in range(200):
+                q.post_writable(buf)
+                q.kick()
+                time.sleep(0.001)
+                used += len(q.reap())  # never bus.receive: the events stay unread
+            deadline = time.monotonic() + 10
+            while used < 200 and time.monotonic() < deadline:
+                used += len(q.reap())
+            assert used == 200
+            assert driver.get_status() & DRIVER_OK  # the device still answers
+            events = 0
+            while driver.wait_event(0.2) is not None:
+                events += 1
+            assert 1 <= events < 200
+            q.close()
+    finally:
+        a.close()
+        b.close()

@@ -311,3 +311,15 @@ def test_answers_per_profile_for_reset_vqueue_device_info_and_ping():
     assert linux.handle(p.DeviceInfo()).max_virtqueues == 1
     assert spec.handle(p.BusPing(77)) == p.BusPingResponse(77)
     assert linux.handle(p.BusPing(78)) == p.BusPingResponse(78)
+
+
+def test_unsent_event_used_is_merged_per_queue():
+    win = window()
+    dev = RngDevice(window=win)
+    (dq,) = bring_up(dev, win)
+    for i in range(3):  # three rounds, nothing sent in between (the driver's queue is full)
+        dq.add((), ((BUFS + 16 * i, 16),), i)
+        kick(dev, dq)
+        run(dev)
+    assert list(dev.outbox) == [p.EventUsed(0)]
+    assert dq.reap() == [(0, 16), (1, 16), (2, 16)]

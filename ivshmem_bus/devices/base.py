@@ -238,7 +238,7 @@ class VirtioMsgDevice:
             except VirtqueueError as exc:
                 self._broken(index, exc)
             if q.publish():
-                self.outbox.append(p.EventUsed(index=index))
+                self._used(index)
         return self.has_work
 
     def _batch(self, index: int, vq: _Vqueue, q: DeviceQueue) -> None:
@@ -263,6 +263,13 @@ class VirtioMsgDevice:
             q.push(chain.head, handler(chain))
             if time.monotonic() >= deadline:
                 return
+
+    def _used(self, index: int) -> None:
+        """EVENT_USED for ``index``, unless one is still waiting to be sent (it covers these
+        buffers too: the driver reaps up to used.idx)."""
+        event = p.EventUsed(index=index)
+        if event not in self.outbox:
+            self.outbox.append(event)
 
     def _broken(self, index: int, exc: VirtqueueError) -> None:
         log.warning("%s; DEVICE_NEEDS_RESET set, other queues keep running", exc)

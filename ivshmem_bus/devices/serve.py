@@ -7,7 +7,8 @@ longer than that. The loop therefore alternates:
    stops at the next chain boundary once ``batch_seconds`` (0.2 ms) have passed;
 2. the messages that arrived meanwhile (the bus is looked at with timeout 0 while queue work
    remains), each answered at once, at most ``MAX_MESSAGES`` in a row before the next batch;
-3. the device's ``outbox`` (EVENT_USED, EVENT_CONFIG) sent after each step.
+3. the device's ``outbox`` (EVENT_USED, EVENT_CONFIG) sent after each step, without
+   waiting for a full driver queue (``flush``): what does not fit waits, merged per queue.
 
 With no queue work the loop sleeps in ``bus.receive(poll_interval)``: a doorbell wakes it
 for a request or an EVENT_AVAIL, and the poll interval bounds the wait for host-side input
@@ -26,6 +27,7 @@ from typing import Protocol
 from ..bus import VirtioMsgBus
 from ..core import protocol as p
 from ..core.window import MemoryWindow
+from ..errors import BusTimeout
 from ..memory.pool import POOL_OFFSET, PoolWindow
 
 __all__ = ["MAX_MESSAGES", "Served", "serve_device"]
@@ -33,6 +35,7 @@ __all__ = ["MAX_MESSAGES", "Served", "serve_device"]
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 64  # messages answered in a row before queue work gets its turn again
+EVENT_SEND_TIMEOUT = 2e-4  # how long an event may wait for a free slot before it is kept
 
 
 class Served(Protocol):
@@ -59,11 +62,24 @@ def _answer(bus: VirtioMsgBus, request: p.Message, reply: p.Message | None) -> N
     bus.send(reply)
 
 
-def flush(device: Served, bus: VirtioMsgBus) -> None:
-    """Send what the device queued (EVENT_USED, EVENT_CONFIG), oldest first."""
+def flush(device: Served, bus: VirtioMsgBus) -> bool:
+    """Send what the device queued (EVENT_USED, EVENT_CONFIG), oldest first; False when the
+    driver's queue is full and some wait for the next call.
+
+    Events never block the loop: a driver that does not read its queue (63 slots) would
+    otherwise stall the device, and with it every request. Kept events are not lost, and the
+    device merges a queue's EVENT_USED while one is still unsent (one covers every used
+    buffer up to now).
+    """
     out = device.outbox
     while out:
-        bus.send(out.popleft())
+        try:
+            bus.send(out[0], timeout=EVENT_SEND_TIMEOUT)
+        except BusTimeout:
+            log.debug("%s: the driver's queue is full; %d event(s) wait", bus.device.name, len(out))
+            return False
+        out.popleft()
+    return True
 
 
 def serve_device(
@@ -104,7 +120,7 @@ def serve_device(
                 n += 1
                 msg = bus.receive(0) if n < MAX_MESSAGES else None
             busy = device.process()
-            flush(device, bus)
+            flush(device, bus)  # kept events go at the next turn (a request wakes us)
     finally:
         if own is not None:
             device.window = None
