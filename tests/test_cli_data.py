@@ -133,6 +133,18 @@ def test_bad_byte_counts_are_usage_errors(fabric):
     assert b"is not a byte count" in got.stderr
 
 
+def test_serve_options_of_the_other_device_type_are_usage_errors(tmp_path, fabric):
+    got = run("serve", "--fake", str(fabric), "--device-type", "console", "--source", "x")
+    assert got.returncode == 2
+    assert b"--source is for --device-type rng" in got.stderr
+    got = run("serve", "--fake", str(fabric), "--console-pty")
+    assert got.returncode == 2
+    assert b"are for --device-type console" in got.stderr
+    got = run("serve", "--fake", str(fabric), "--mem", "pool", "--mem-offset", "0x1000")
+    assert got.returncode == 2
+    assert b"--mem pool takes no --mem-offset" in got.stderr
+
+
 def test_rng_with_nobody_serving_fails_with_a_message(tmp_path, fabric):
     got = run("rng", "--fake", str(fabric), "--remote-vmid", "7", "--timeout", "0.3")
     assert got.returncode == 1

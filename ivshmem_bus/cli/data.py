@@ -175,6 +175,10 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[Virt
     """
     from ..memory import open_window
 
+    if args.device_type != "rng" and args.source:
+        raise ValueError("--source is for --device-type rng (the entropy it serves)")
+    if args.device_type != "console" and (args.console_socket or args.console_pty):
+        raise ValueError("--console-socket and --console-pty are for --device-type console")
     with contextlib.ExitStack() as stack:
         window = open_window(
             args.mem, device=dev, mem_offset=args.mem_offset, role="device",
