@@ -28,7 +28,7 @@ from ..bus import VirtioMsgBus
 from ..core import protocol as p
 from ..core.window import MemoryWindow
 from ..errors import BusTimeout
-from ..memory.pool import POOL_OFFSET, PoolWindow
+from ..memory.pool import PAGE, POOL_OFFSET, PoolWindow
 
 __all__ = ["MAX_MESSAGES", "Served", "serve_device"]
 
@@ -103,7 +103,8 @@ def serve_device(
     """
     device.profile = bus.profile
     own = None
-    if device.window is None and device.num_queues and len(bus.device.shmem) > POOL_OFFSET:
+    room = len(bus.device.shmem) & ~(PAGE - 1)  # PoolWindow ends at a page boundary
+    if device.window is None and device.num_queues and room > POOL_OFFSET:
         own = device.window = PoolWindow(bus.device, role="device")
     handled = 0
     try:
