@@ -65,7 +65,8 @@ class RngDriver:
         self._outstanding = 0  # bytes posted and not yet returned (kept across calls)
 
     def iter_entropy(self, n: int) -> Iterator[bytes]:
-        """``n`` bytes of entropy, as chunks in the order the device filled them.
+        """``n`` bytes of entropy, as chunks in the order the device filled them (one chunk
+        per batch of buffers returned together).
 
         Raises:
             DriverError: the device returned an empty buffer (its source is exhausted) or
@@ -91,6 +92,7 @@ class RngDriver:
                         f"({received} of {n} bytes): is it serving?"
                     )
                 continue
+            parts = []
             for buf, used in done:
                 self._outstanding -= self._lengths[buf]
                 q.free_buffers.append(buf)
@@ -100,7 +102,8 @@ class RngDriver:
                         "bytes: its entropy source is exhausted (a --source file too short?)"
                     )
                 received += used
-                yield bytes(q.view(buf, used))
+                parts.append(q.view(buf, used))
+            yield b"".join(parts)  # one copy out of the window per batch of buffers
 
     def read_entropy(self, n: int) -> bytes:
         """``n`` bytes of entropy (see ``iter_entropy``)."""
