@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ivshmem_bus.core import protocol as p
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -191,3 +193,50 @@ def test_console_over_a_unix_socket(tmp_path, fabric):
         client.close()
     finally:
         assert serve.stop() == 0
+
+
+def test_a_terminal_console_follows_the_terminal_size(tmp_path, fabric):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from ivshmem_bus.backends import open_backend
+    from ivshmem_bus.backends.fabric import fake_socket
+    from ivshmem_bus.backends.peers import resolve_remote_vmid
+    from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.drivers import ConsoleDriver, VirtioMsgDriver
+    from ivshmem_bus.memory import open_window
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    try:
+        fake_socket(str(fabric))  # the fabric's server, before either side joins
+        serve = subprocess.Popen(
+            cli("serve", "--fake", str(fabric), "--device-type", "console"),
+            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            with open_backend(fake=str(fabric)) as dev:
+                remote = resolve_remote_vmid(dev, "auto", wait=10)
+                with (
+                    VirtioMsgBus(dev, "driver", remote) as bus,
+                    open_window("pool", device=dev, role="driver") as window,
+                ):
+                    driver = VirtioMsgDriver(bus, timeout=5)
+                    console = ConsoleDriver(driver, window)
+                    assert console.size() == (100, 30)
+                    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 43, 132, 0, 0))
+                    serve.send_signal(signal.SIGWINCH)
+                    event = driver.wait_event(5)
+                    while event is not None and not isinstance(event, p.EventConfig):
+                        event = driver.wait_event(5)
+                    assert event is not None and driver.config_generation == 1
+                    assert console.size() == (132, 43)
+                    console.close()
+        finally:
+            serve.send_signal(signal.SIGINT)
+            assert serve.wait(10) == 0
+    finally:
+        os.close(master)
+        os.close(slave)

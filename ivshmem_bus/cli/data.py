@@ -171,7 +171,8 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[Virt
     (device, host side, window, in that order) when the block ends.
 
     A console on stdio keeps the real stdout for its bytes and sends the serve command's own
-    messages to stderr, so the two never mix.
+    messages to stderr, so the two never mix; when that stdout is a terminal, its size is the
+    console's cols/rows, followed on SIGWINCH.
     """
     from ..memory import open_window
 
@@ -190,9 +191,36 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[Virt
             device = RngDevice(args.profile, source=args.source, window=window)
         else:
             io = stack.enter_context(_console_host(args))
-            device = ConsoleDevice(io, args.profile, window=window)
+            tty = _tty_of(io)
+            cols, rows = os.get_terminal_size(tty) if tty is not None else (80, 25)
+            device = ConsoleDevice(io, args.profile, cols=cols, rows=rows, window=window)
+            if tty is not None:
+                stack.enter_context(_follow_resizes(tty, device))
         stack.callback(device.close)
         yield device
+
+
+def _tty_of(io: HostIO) -> int | None:
+    """The terminal a stdio console writes to, if it is one (its size is the console's)."""
+    if isinstance(io, FdIO) and not isinstance(io, PtyIO) and os.isatty(io.out_fd):
+        return io.out_fd
+    return None
+
+
+@contextlib.contextmanager
+def _follow_resizes(fd: int, console: ConsoleDevice) -> Iterator[None]:
+    """SIGWINCH: the terminal's new size goes to the driver (config generation, EVENT_CONFIG)."""
+    import signal
+
+    def on_winch(signum: int, frame: object) -> None:
+        cols, rows = os.get_terminal_size(fd)
+        console.resize(cols, rows)
+
+    old = signal.signal(signal.SIGWINCH, on_winch)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, old)
 
 
 @contextlib.contextmanager
