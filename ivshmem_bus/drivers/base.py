@@ -166,9 +166,9 @@ class VirtioMsgDriver:
         """
         self._req(p.SetVqueue(index, size, desc, avail, used), p.SetVqueueResponse)
         got = self.get_vqueue(index)
-        if (got.size, got.descriptor_addr, got.driver_addr, got.device_addr) != (
-            size, desc, avail, used,
-        ):  # fmt: skip
+        reported = (got.descriptor_addr, got.driver_addr, got.device_addr)
+        moved = any(r and r != want for r, want in zip(reported, (desc, avail, used), strict=True))
+        if got.size != size or moved:  # addresses reported as 0: a device that does not say
             raise DriverError(
                 f"the device refused virtqueue {index} (size {size} at 0x{desc:x}; max_size "
                 f"{got.max_size}): use a power-of-two size up to max_size in a memory window "
