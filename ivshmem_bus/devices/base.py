@@ -36,9 +36,8 @@ serving its other queues. Only a reset (status 0) clears it.
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
 import logging
-import time
 from collections.abc import Callable
 
 from ..bus import VirtioMsgBus
@@ -52,15 +51,10 @@ from ..core.virtio import (
     VIRTIO_F_VERSION_1,
     VIRTIO_MSG_VENDOR_ID,
 )
-from ..core.virtqueue import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    Chain,
-    DeviceQueue,
-    VirtqLayout,
-)
+from ..core.virtqueue import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, DeviceQueue
 from ..core.window import MemoryWindow
 from ..errors import VirtqueueError
+from .queues import ChainHandler, Vqueue, bind, release, run_batch
 from .serve import serve_device
 
 __all__ = ["QEMU_MAX_QUEUE_SIZE", "RING_FEATURES", "ChainHandler", "VirtioMsgDevice"]
@@ -71,29 +65,6 @@ QEMU_MAX_QUEUE_SIZE = 1024
 MAX_EVENTS = 256  # unconsumed events kept for inspection; the oldest go first
 
 RING_FEATURES = 1 << VIRTIO_F_EVENT_IDX | 1 << VIRTIO_F_INDIRECT_DESC
-
-ChainHandler = Callable[[Chain], int]
-"""Consumes one chain; returns the bytes it wrote into the chain's writable buffers."""
-
-
-@dataclasses.dataclass
-class _Vqueue:
-    """One queue's state: what SET_VQUEUE said and, with a window, the bound queue."""
-
-    size: int = 0
-    descriptor_addr: int = 0
-    driver_addr: int = 0
-    device_addr: int = 0
-    queue: DeviceQueue | None = None
-    kicked: bool = False  # chains may be available (EVENT_AVAIL, DRIVER_OK, set_notify)
-    notify: bool = True  # we last asked for EVENT_AVAIL
-
-
-def _release(vq: _Vqueue) -> None:
-    """Drop a queue's views of the window (it is being replaced or reset)."""
-    if vq.queue is not None:
-        vq.queue.release()
-        vq.queue = None
 
 
 class VirtioMsgDevice:
@@ -164,11 +135,11 @@ class VirtioMsgDevice:
         """Back to power-on state: status 0, no driver features, queues unconfigured. The
         config space and generation stay (they are the device's, not the driver's)."""
         for vq in getattr(self, "queues", {}).values():
-            _release(vq)
+            release(vq)
         self.status = 0
         self.driver_features = 0
         self.generation = getattr(self, "generation", 0)
-        self.queues = {i: _Vqueue() for i in range(self.num_queues)}
+        self.queues = {i: Vqueue() for i in range(self.num_queues)}
 
     def close(self) -> None:
         """Drop the queues (their views of the window) before the window closes."""
@@ -241,28 +212,13 @@ class VirtioMsgDevice:
                 self._used(index)
         return self.has_work
 
-    def _batch(self, index: int, vq: _Vqueue, q: DeviceQueue) -> None:
+    def _batch(self, index: int, vq: Vqueue, q: DeviceQueue) -> None:
         handler = self.handlers.get(index)
         if handler is None:
             vq.kicked = False  # nothing consumes this queue: leave its chains alone
             return
-        if vq.notify:  # busy: the driver need not kick until we ask again
-            q.set_notify(False)
-            vq.notify = False
-        deadline = time.monotonic() + self.batch_seconds
-        for _ in range(self.batch_chains):
-            if not self.queue_ready(index):
-                return
-            chain = q.pop()
-            if chain is None:
-                vq.notify = True
-                if not q.set_notify(True):  # True: chains slipped in before the flag
-                    vq.kicked = False
-                    return
-                continue
-            q.push(chain.head, handler(chain))
-            if time.monotonic() >= deadline:
-                return
+        ready = functools.partial(self.queue_ready, index)
+        run_batch(vq, q, handler, ready, self.batch_chains, self.batch_seconds)
 
     def _used(self, index: int) -> None:
         """EVENT_USED for ``index``, unless one is still waiting to be sent (it covers these
@@ -382,7 +338,7 @@ class VirtioMsgDevice:
 
     def _set_vqueue(self, msg: p.SetVqueue) -> p.Message:
         if msg.index in self.queues:
-            _release(self.queues[msg.index])
+            release(self.queues[msg.index])
             self.queues[msg.index] = self._bind(msg)
         if self.profile == "spec-v1":
             return p.SetVqueueResponse()
@@ -390,37 +346,21 @@ class VirtioMsgDevice:
             msg.index, msg.size, msg.descriptor_addr, msg.driver_addr, msg.device_addr
         )
 
-    def _bind(self, msg: p.SetVqueue) -> _Vqueue:
+    def _bind(self, msg: p.SetVqueue) -> Vqueue:
         """The queue SET_VQUEUE describes, checked; an unset queue when it is refused."""
-        layout = VirtqLayout(msg.size, msg.descriptor_addr, msg.driver_addr, msg.device_addr)
-        size = msg.size
         try:
-            if not 0 < size <= self.queue_max_size or size & (size - 1):
-                raise VirtqueueError(
-                    msg.index,
-                    f"queue size {size} is not a power of two between 1 and "
-                    f"{self.queue_max_size}: use a size GET_VQUEUE allows",
-                )
-            queue = None
-            if self.window is not None:
-                layout.check(self.window, self.queue_max_size, queue=msg.index)
-                queue = DeviceQueue(
-                    self.window, msg.index, layout,
-                    event_idx=bool(self.driver_features >> VIRTIO_F_EVENT_IDX & 1),
-                    indirect=bool(self.driver_features >> VIRTIO_F_INDIRECT_DESC & 1),
-                )  # fmt: skip
+            vq = bind(msg, self.window, self.queue_max_size, self.driver_features)
         except VirtqueueError as exc:
             self.refused += 1
             log.warning("SET_VQUEUE refused: %s", exc)
-            return _Vqueue()
-        vq = _Vqueue(size, msg.descriptor_addr, msg.driver_addr, msg.device_addr, queue)
-        vq.kicked = queue is not None and bool(self.status & DRIVER_OK)
+            return Vqueue()
+        vq.kicked = vq.queue is not None and bool(self.status & DRIVER_OK)
         return vq
 
     def _reset_vqueue(self, msg: p.ResetVqueue) -> p.Message | None:
         if msg.index in self.queues:
-            _release(self.queues[msg.index])
-            self.queues[msg.index] = _Vqueue()
+            release(self.queues[msg.index])
+            self.queues[msg.index] = Vqueue()
         if self.profile == "qemu-v0":
             return None  # QEMU's device never replies
         return p.ResetVqueueResponse(msg.index if self.profile == "linux-v0" else 0)
