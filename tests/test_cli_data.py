@@ -240,3 +240,33 @@ def test_a_terminal_console_follows_the_terminal_size(tmp_path, fabric):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_console_on_a_terminal_is_raw_and_ctrl_close_bracket_detaches(tmp_path, fabric):
+    import pty
+    import termios
+
+    host_r, host_w = os.pipe()
+    serve = Serve(tmp_path, fabric, "--device-type", "console", stdin=host_r)
+    os.close(host_r)
+    master, slave = pty.openpty()
+    try:
+        console = subprocess.Popen(
+            cli("console", "--fake", str(fabric)), stdin=slave, stdout=slave,
+            stderr=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        assert console.stderr.readline().startswith(b"attached; Ctrl-] detaches")
+        assert not termios.tcgetattr(slave)[3] & termios.ECHO  # raw: no local echo
+        os.write(master, b"keys\x1dnot sent")
+        assert console.wait(20) == 0
+        while serve.out.read_bytes() != b"keys" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert serve.out.read_bytes() == b"keys"
+        assert termios.tcgetattr(slave)[3] & termios.ECHO  # the terminal is given back
+        console.stderr.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+        os.close(host_w)
+        assert serve.stop() == 0
