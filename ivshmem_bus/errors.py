@@ -18,6 +18,7 @@ __all__ = [
     "BusError",
     "BusTimeout",
     "DeviceNotFound",
+    "DriverError",
     "IvshmemBusError",
     "MemoryFileError",
     "PciError",
@@ -87,6 +88,11 @@ class BusTimeout(BusError, TimeoutError):
 
 class BusClosed(BusError):
     """The bus was used after ``close()``."""
+
+
+class DriverError(IvshmemBusError, RuntimeError):
+    """The remote virtio device refused a step of the driver's setup (a queue, features) or
+    stopped delivering (no used buffers in time, an exhausted entropy source)."""
 
 
 class RemoteVmidError(IvshmemBusError):

@@ -17,6 +17,7 @@ from .. import __version__
 from ..core import protocol
 from ..core.regs import PEER_IDS, is_peer_id
 from ..errors import IvshmemBusError
+from .data import add_data_commands, add_serve_args
 from .link import (
     cmd_demo,
     cmd_monitor,
@@ -149,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the Python virtio-msg device (device role)")
     _add_backend_args(serve)
-    serve.add_argument("--device-type", choices=["rng"], default="rng")
+    add_serve_args(serve)
     serve.add_argument(
         "--wait",
         type=float,
@@ -192,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--interval", type=float, default=1e-4, metavar="SECONDS")
     monitor.set_defaults(func=cmd_monitor)
 
+    add_data_commands(sub, _add_backend_args)
     _add_bench(sub)
     return parser
 

@@ -154,15 +154,14 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..backends.peers import follow_single_peer, resolve_remote_vmid
     from ..bus import VirtioMsgBus, reset_queues_of
-    from ..transport import RngDevice, status_names
+    from ..transport import status_names
 
     stop = _stop_on_signals()
-    with _backend(args) as dev:
+    with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
         if args.reset_queues:
             reset_queues_of(dev)  # before any peer can have sent us anything
         print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
         remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
-        device = RngDevice(args.profile)
 
         def on_status(old: int, new: int) -> None:
             print(f"driver status {status_names(old)} -> {status_names(new)}", flush=True)
@@ -175,15 +174,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-            def handle(msg: protocol.Message) -> protocol.Message | None:
+            def follow(msg: protocol.Message) -> None:
                 if args.remote_vmid == "auto":  # answer whoever the driver is now
                     now = follow_single_peer(dev, bus.remote_vmid)
                     if now != bus.remote_vmid:
                         print(f"driver peer {bus.remote_vmid} left; serving vmid {now}", flush=True)
                         bus.remote_vmid = now
-                return device.handle(msg)
 
-            handled = bus.serve(handle, stop=stop.is_set)
+            handled = device.serve(bus, stop=stop.is_set, on_message=follow)
             print(f"stopped after {handled} messages; {bus.stats}", flush=True)
     return 0
 
