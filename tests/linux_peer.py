@@ -11,10 +11,13 @@ tests can hold ``ivshmem-bus serve --profile linux-v0`` to it without a Linux gu
   a read-back, GET_VQUEUE / SET_VQUEUE per queue (exactly max_size entries, in its own RAM),
   status 0x0f;
 - every request waits for its response under one lock;
-- keep-alive: the first PING ~50 ms after GET_DEVICES once a device is registered, then every
-  second; it answers every PING it receives, responses included (the echo storm a device must
-  never start); one ping window with nothing from the device is fatal and permanent
-  ("Bus went stale. teardown!");
+- keep-alive: a ping timer armed when GET_DEVICES is sent fires ~50 ms later, then every
+  second; it sends a PING only once a device is registered (its probe began), so a GET_DEVICES
+  answered later than ~50 ms makes the first PING come ~1 s later; the peer answers every
+  PING it receives, responses included (the echo storm a device must never start); a ping
+  window with nothing from the device (any message counts) is fatal and permanent
+  ("Bus went stale. teardown!": every device removed, no request answered again);
+- EVENT_DEVICE is handled only for removal (dev_state 2): there is no hot-add;
 - the bitmap race: bus messages share one receive buffer, and the probe loop re-reads the
   GET_DEVICES bitmap from it, so a bus message arriving during the probe (a PING response)
   erases the devices after the one being probed.
@@ -87,6 +90,11 @@ class LinuxLikePeer:
         self.echoes = 0  # PING responses this side answered (each one an echo storm step)
         self.received = 0
         self.stale = False
+        self.registered = False  # a device's probe began: the ping timer may send
+        self.ping_rtts: list[float] = []  # seconds from each PING to its response
+        self._ping_sent: dict[int, float] = {}
+        self.removed: list[int] = []  # dev_ids EVENT_DEVICE removed
+        self.bus_messages: list[p.Message] = []  # every bus message received, in order
         self._heard = time.monotonic()
         self._ping_seq = 0
         self._next_addr = ram.base + 0x10000
@@ -101,6 +109,7 @@ class LinuxLikePeer:
         return self
 
     def close(self) -> None:
+        """Stop the threads (the module is unloaded); the queues stay as they are."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -156,13 +165,23 @@ class LinuxLikePeer:
             return
         if msg.BUS:
             self.bus_buf = raw  # one shared buffer: the next bus message overwrites it
+            self.bus_messages.append(msg)
             if isinstance(msg, p.BusPingResponse):
                 self.ping_responses += 1
+                sent = self._ping_sent.pop(msg.data, None)
+                if sent is not None:
+                    self.ping_rtts.append(self._heard - sent)
                 self.echoes += 1  # the stack answers responses too
-                self.send(p.BusPingResponse(data=msg.data))
+                self._send_quietly(p.BusPingResponse(data=msg.data))
                 return
             if isinstance(msg, p.BusPing):
-                self.send(p.BusPingResponse(data=msg.data))
+                self._send_quietly(p.BusPingResponse(data=msg.data))
+                return
+            if isinstance(msg, p.BusEventDevice):
+                if msg.dev_state == 2:  # removal: the device goes; anything else is ignored
+                    self.removed.append(msg.target_dev_num)
+                    self.devices = [d for d in self.devices if d.dev_id != msg.target_dev_num]
+                    self.log.append(f"dev {msg.target_dev_num} removed")
                 return
         with self._cond:
             if p.is_response(msg):
@@ -177,23 +196,35 @@ class LinuxLikePeer:
 
     # --- keep-alive ----------------------------------------------------------------------------
 
+    def _send_quietly(self, msg: p.Message) -> None:
+        try:
+            self.send(msg)
+        except Teardown as exc:
+            self.log.append(f"not sent: {exc}")
+
     def _ping_loop(self) -> None:
         tick = self.first_ping
-        window_start = time.monotonic()
+        window_start: float | None = None  # the ping window runs from the first PING
         while not self._stop.wait(tick):
             tick = self.ping_period
-            if not self.devices:  # PINGs start once a device is registered
+            if not self.registered:  # PINGs start once a device is registered
                 continue
-            if self._heard < window_start:  # a whole window with nothing from the device
-                self.stale = True
-                self.log.append(STALE)
-                with self._cond:
-                    self._cond.notify_all()
+            if window_start is not None and self._heard < window_start:
+                self.teardown()  # a whole window with nothing from the device
                 return
             window_start = time.monotonic()
             self._ping_seq += 1
             self.pings_sent += 1
-            self.send(p.BusPing(data=self._ping_seq))
+            self._ping_sent[self._ping_seq] = time.monotonic()
+            self._send_quietly(p.BusPing(data=self._ping_seq))
+
+    def teardown(self) -> None:
+        """What the stack does on a stale bus: every device removed, for good."""
+        self.stale = True
+        self.log.append(STALE)
+        self.devices = []
+        with self._cond:
+            self._cond.notify_all()
 
     # --- start-up --------------------------------------------------------------------------------
 
@@ -204,12 +235,15 @@ class LinuxLikePeer:
 
     def probe_all(self) -> list[Probed]:
         """The whole start-up; returns the devices that reached DRIVER_OK."""
+        if self._pinger is None:  # armed when GET_DEVICES goes out
+            self._pinger = threading.Thread(
+                target=self._ping_loop, name="linux-peer-ping", daemon=True
+            )
+            self._pinger.start()
         reply = self.request(p.BusGetDevices(offset=0, num=32))
         assert isinstance(reply, p.BusGetDevicesResponse)
         if (reply.offset, reply.num) != (0, 32):
             raise Teardown("GET_DEVICES response dropped: offset/num not echoed")
-        self._pinger = threading.Thread(target=self._ping_loop, name="linux-peer-ping", daemon=True)
-        self._pinger.start()
         for i in range(32):
             if self._bit(reply, i):
                 probed = self.probe(i)
@@ -225,6 +259,7 @@ class LinuxLikePeer:
         if info.num_feature_bits != 64:
             self.log.append(f"dev {dev_id}: num_feature_bits {info.num_feature_bits}, not 64")
             return None
+        self.registered = True
         for status in (0, 1, 3):
             self.request(p.SetDeviceStatus(status=status, dev_num=dev_id))
             self.request(p.GetDeviceStatus(dev_num=dev_id))
@@ -306,3 +341,53 @@ class LinuxLikePeer:
     def power_off(self) -> None:
         for d in self.devices:
             self.request(p.SetDeviceStatus(status=0, dev_num=d.dev_id))
+
+    # --- virtio-console, port 0 without MULTIPORT (receiveq 0, transmitq 1) --------------------
+
+    def _device(self, dev_id: int) -> Probed:
+        for d in self.devices:
+            if d.dev_id == dev_id:
+                return d
+        raise Teardown(f"dev {dev_id} is not registered")
+
+    def console_open(self, dev_id: int, *, buffers: int = 64, size: int = 64) -> None:
+        """What virtio_console does at probe: ``buffers`` receive buffers, one EVENT_AVAIL each."""
+        queue = self._device(dev_id).queues[0]
+        for _ in range(buffers):
+            buf = self._alloc(size, 64)
+            queue.add([], [(buf, size)], token=(buf, size))
+            queue.publish()
+            self.kick(dev_id, 0)
+
+    def console_write(self, dev_id: int, data: bytes) -> None:
+        """``echo data > /dev/hvc0``: one readable buffer on transmitq, until it is used."""
+        queue = self._device(dev_id).queues[1]
+        buf = self._alloc(max(1, len(data)), 64)
+        self.ram.view(buf, len(data))[:] = data
+        queue.add([(buf, len(data))], [], token=buf)
+        if queue.publish():
+            self.kick(dev_id, 1)
+        deadline = time.monotonic() + self.request_timeout
+        while not queue.reap():
+            if time.monotonic() > deadline or self.stale:
+                raise Teardown("transmit buffer never used")
+            time.sleep(0.002)
+
+    def console_read(self, dev_id: int, n: int, timeout: float = 5.0) -> bytes:
+        """A reader of /dev/hvc0: bytes from used receive buffers (each re-posted)."""
+        queue = self._device(dev_id).queues[0]
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            reaped = queue.reap()
+            for token, used in reaped:
+                buf, size = token  # type: ignore[misc]
+                out += self.ram.view(buf, used)
+                queue.add([], [(buf, size)], token=token)
+            if reaped and queue.publish():
+                self.kick(dev_id, 0)
+            if not reaped:
+                if time.monotonic() > deadline or self.stale:
+                    break
+                time.sleep(0.002)
+        return bytes(out)
