@@ -1,6 +1,7 @@
 """Virtio devices in Python over virtio-msg: the framework (``base``, ``serve``) and the device
-types (``rng``, ``console``); ``hub``: several devices on one bus, and the bus messages. A new device type is a subclass of ``VirtioMsgDevice`` that sets
-its id, features, config and one chain handler per queue."""
+types (``rng``, ``console``); ``hub``: several devices on one bus, and the bus messages. A new
+device type is a subclass of ``VirtioMsgDevice`` that sets its id, features, config and one
+chain handler per queue."""
 
 from .base import QEMU_MAX_QUEUE_SIZE, ChainHandler, VirtioMsgDevice
 from .console import ConsoleDevice
