@@ -99,6 +99,11 @@ class RemoteVmidError(IvshmemBusError):
     """``--remote-vmid auto`` found no peer, or several (the message lists them)."""
 
 
+class DeviceVmidError(IvshmemBusError):
+    """The device side is not VMID 0, which the Linux virtio-msg driver hard-codes as the
+    device (``serve --profile linux-v0``)."""
+
+
 class ServerClientError(IvshmemBusError):
     """The ivshmem server could not be reached, or spoke something other than its protocol."""
 

@@ -158,11 +158,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --remote-vmid auto: how long to wait for the driver's peer",
     )
-    serve.add_argument(
+    resets = serve.add_mutually_exclusive_group()
+    resets.add_argument(
         "--no-reset-queues",
         dest="reset_queues",
         action="store_false",
-        help="do not zero the queues at start (the driver side started first)",
+        default=None,
+        help="do not zero the queues at start (the driver side started first; the default "
+        "with --profile linux-v0)",
+    )
+    resets.add_argument(
+        "--reset-queues",
+        dest="reset_queues",
+        action="store_true",
+        help="zero the queues at start (the default except with --profile linux-v0)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -48,10 +48,31 @@ def _offset_arg(text: str) -> int:
     return value
 
 
+DEVICE_TYPES = ("rng", "console")
+
+
+def _device_types(text: str) -> list[str]:
+    """argparse type for --device-type: one type or a comma list, each at most once (the
+    first at dev_id 0, the next at 1, ...)."""
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in DEVICE_TYPES:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not a device type: use {', '.join(DEVICE_TYPES)} or a comma list"
+            )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a device type twice: list each once")
+    return names
+
+
 def add_serve_args(serve: argparse.ArgumentParser) -> None:
-    """``serve``'s device options: the type, its source, its memory window, the console's
+    """``serve``'s device options: the type(s), the source, the memory window, the console's
     host side."""
-    serve.add_argument("--device-type", choices=["rng", "console"], default="rng")
+    serve.add_argument(
+        "--device-type", type=_device_types, default=["rng"], metavar="TYPE[,TYPE]",
+        help="rng (default), console, or a list such as rng,console: one device per type at "
+        "dev_id 0, 1, ... (several need --profile linux-v0)",
+    )  # fmt: skip
     serve.add_argument("--source", metavar="FILE", help="rng: serve FILE's bytes in order")
     serve.add_argument(
         "--mem", default="pool", metavar="WINDOW",
@@ -166,9 +187,10 @@ def _raw_terminal(fd: int) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[VirtioMsgDevice]:
-    """The device ``serve --device-type`` names, over the window ``--mem`` names; closed
-    (device, host side, window, in that order) when the block ends.
+def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[list[VirtioMsgDevice]]:
+    """The devices ``serve --device-type`` names (dev_id = place in the list), all over the
+    window ``--mem`` names; closed (devices, host side, window, in that order) when the block
+    ends.
 
     A console on stdio keeps the real stdout for its bytes and sends the serve command's own
     messages to stderr, so the two never mix; when that stdout is a terminal, its size is the
@@ -176,9 +198,9 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[Virt
     """
     from ..memory import open_window
 
-    if args.device_type != "rng" and args.source:
+    if "rng" not in args.device_type and args.source:
         raise ValueError("--source is for --device-type rng (the entropy it serves)")
-    if args.device_type != "console" and (args.console_socket or args.console_pty):
+    if "console" not in args.device_type and (args.console_socket or args.console_pty):
         raise ValueError("--console-socket and --console-pty are for --device-type console")
     with contextlib.ExitStack() as stack:
         window = open_window(
@@ -186,18 +208,21 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[Virt
             sysfs=args.sysfs, dev=args.dev,
         )  # fmt: skip
         stack.callback(window.close)
-        device: VirtioMsgDevice
-        if args.device_type == "rng":
-            device = RngDevice(args.profile, source=args.source, window=window)
-        else:
-            io = stack.enter_context(_console_host(args))
-            tty = _tty_of(io)
-            cols, rows = os.get_terminal_size(tty) if tty is not None else (80, 25)
-            device = ConsoleDevice(io, args.profile, cols=cols, rows=rows, window=window)
-            if tty is not None:
-                stack.enter_context(_follow_resizes(tty, device))
-        stack.callback(device.close)
-        yield device
+        devices: list[VirtioMsgDevice] = []
+        for name in args.device_type:
+            device: VirtioMsgDevice
+            if name == "rng":
+                device = RngDevice(args.profile, source=args.source, window=window)
+            else:
+                io = stack.enter_context(_console_host(args))
+                tty = _tty_of(io)
+                cols, rows = os.get_terminal_size(tty) if tty is not None else (80, 25)
+                device = ConsoleDevice(io, args.profile, cols=cols, rows=rows, window=window)
+                if tty is not None:
+                    stack.enter_context(_follow_resizes(tty, device))
+            stack.callback(device.close)
+            devices.append(device)
+        yield devices
 
 
 def _tty_of(io: HostIO) -> int | None:

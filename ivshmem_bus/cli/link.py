@@ -151,38 +151,85 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_linux_vmid(dev: IvshmemDevice, profile: str) -> None:
+    """The Linux driver rings VMID 0 as the device (hard-coded): a linux-v0 device side must
+    be VMID 0, the first peer of its ivshmem server.
+
+    Raises:
+        DeviceVmidError: it is not (the message names the fix).
+    """
+    from ..errors import DeviceVmidError
+
+    vmid = dev.vmid
+    if profile == "linux-v0" and vmid != 0:
+        raise DeviceVmidError(
+            f"{dev.name}: vmid {vmid}, but the Linux virtio-msg driver talks only to vmid 0: "
+            "start the device side first (the server's first peer gets vmid 0), or use a "
+            "server whose first peer it is"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..backends.peers import follow_single_peer, resolve_remote_vmid
     from ..bus import VirtioMsgBus, reset_queues_of
+    from ..devices import DeviceHub
     from ..transport import status_names
 
+    hub_needed = args.profile == "linux-v0" or len(args.device_type) > 1
+    if len(args.device_type) > 1 and args.profile == "qemu-v0":
+        raise ValueError(
+            f"--device-type {','.join(args.device_type)}: qemu-v0 carries one device per bus; "
+            "use --profile linux-v0 for several"
+        )
+    # linux-v0: the driver may have queued its GET_DEVICES before we start (it must be
+    # answered), and a restarted device side must pick up the queues where they are.
+    reset = args.reset_queues if args.reset_queues is not None else args.profile != "linux-v0"
     stop = _stop_on_signals()
-    with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
-        if args.reset_queues:
-            reset_queues_of(dev)  # before any peer can have sent us anything
-        print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
-        remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
+    with _backend(args) as dev:
+        check_linux_vmid(dev, args.profile)
+        with args.served_device(args, dev) as devices:  # cli.data's
+            if reset:
+                reset_queues_of(dev)  # before any peer can have sent us anything
+            print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
+            remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
 
-        def on_status(old: int, new: int) -> None:
-            print(f"driver status {status_names(old)} -> {status_names(new)}", flush=True)
+            for dev_id, device in enumerate(devices):
 
-        device.on_status = on_status
-        with VirtioMsgBus(dev, "device", remote, args.profile, coalesce=args.coalesce) as bus:
-            print(
-                f"serving virtio {args.device_type} (id {device.device_id}) to vmid {remote} "
-                f"({args.profile}); Ctrl-C stops",
-                flush=True,
-            )
+                def on_status(old: int, new: int, dev_id: int = dev_id) -> None:
+                    where = f"dev_id {dev_id} " if hub_needed else ""
+                    print(
+                        f"{where}driver status {status_names(old)} -> {status_names(new)}",
+                        flush=True,
+                    )
 
-            def follow(msg: protocol.Message) -> None:
-                if args.remote_vmid == "auto":  # answer whoever the driver is now
-                    now = follow_single_peer(dev, bus.remote_vmid)
-                    if now != bus.remote_vmid:
-                        print(f"driver peer {bus.remote_vmid} left; serving vmid {now}", flush=True)
-                        bus.remote_vmid = now
+                device.on_status = on_status
+            with VirtioMsgBus(dev, "device", remote, args.profile, coalesce=args.coalesce) as bus:
+                what = ", ".join(
+                    f"{name} (id {d.device_id})" + (f" at dev_id {i}" if hub_needed else "")
+                    for i, (name, d) in enumerate(zip(args.device_type, devices, strict=True))
+                )
+                print(
+                    f"serving virtio {what} to vmid {remote} ({args.profile}); Ctrl-C stops",
+                    flush=True,
+                )
 
-            handled = device.serve(bus, stop=stop.is_set, on_message=follow)
-            print(f"stopped after {handled} messages; {bus.stats}", flush=True)
+                def follow(msg: protocol.Message) -> None:
+                    if args.remote_vmid == "auto":  # answer whoever the driver is now
+                        now = follow_single_peer(dev, bus.remote_vmid)
+                        if now != bus.remote_vmid:
+                            print(
+                                f"driver peer {bus.remote_vmid} left; serving vmid {now}",
+                                flush=True,
+                            )
+                            bus.remote_vmid = now
+
+                if hub_needed:
+                    hub = DeviceHub(devices)
+                    handled = hub.serve(bus, stop=stop.is_set, on_message=follow)
+                    print(f"hub: {hub.stats}", flush=True)
+                else:
+                    handled = devices[0].serve(bus, stop=stop.is_set, on_message=follow)
+                print(f"stopped after {handled} messages; {bus.stats}", flush=True)
     return 0
 
 
