@@ -116,6 +116,9 @@ class LinuxLikePeer:
         self._reader.join(5)
         if self._pinger is not None:
             self._pinger.join(5)
+        with self._send_lock:  # the queues' views of BAR2 go (the device can then close)
+            self._tx.release()
+            self._rx.release()
 
     def send(self, msg: p.Message, *, msg_size: int | None = None) -> None:
         raw = bytearray(p.encode(msg, PROFILE))
