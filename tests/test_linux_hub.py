@@ -282,14 +282,14 @@ def test_the_hold_ends_in_time_when_a_listed_device_never_reaches_driver_ok(make
     assert not link.peer.stale
 
 
-# --- Keep-alive ------------------------------------------------------------------------------------
+# --- Keep-alive ---------------------------------------------------------------------------------
 
 
 def test_pings_answered_within_250_ms_while_a_handler_sleeps_2_s(make_link, caplog):
     link = make_link(ping_period=0.2)
     peer = link.peer
     peer.probe_all()
-    rng, console = link.devices
+    rng = link.devices[0]
     fill = rng.handlers[0]
 
     def slow_fill(chain):  # a slow --source: one read takes 2 s
