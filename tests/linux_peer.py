@@ -84,6 +84,7 @@ class LinuxLikePeer:
         self.events: list[p.Message] = []
         self.bus_buf = bytes(64)  # the one receive buffer bus messages share
         self.devices: list[Probed] = []
+        self._queues: list[DriverQueue] = []
         self.log: list[str] = []
         self.pings_sent = 0
         self.ping_responses = 0
@@ -119,6 +120,12 @@ class LinuxLikePeer:
         with self._send_lock:  # the queues' views of BAR2 go (the device can then close)
             self._tx.release()
             self._rx.release()
+        for q in self._queues:  # and the virtqueues' views of the RAM, removed devices' too
+            q.release()
+
+    def release_ram(self) -> None:
+        """After ``close``: let go of the RAM window too (its buffer can then close)."""
+        self.ram.release()  # type: ignore[attr-defined]
 
     def send(self, msg: p.Message, *, msg_size: int | None = None) -> None:
         raw = bytearray(p.encode(msg, PROFILE))
@@ -291,6 +298,7 @@ class LinuxLikePeer:
                             layout.used_addr, dev_num=dev_id)
             )  # fmt: skip
             probed.queues.append(queue)
+            self._queues.append(queue)
         self.request(p.SetDeviceStatus(status=0x0F, dev_num=dev_id))
         return probed
 
