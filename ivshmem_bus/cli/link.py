@@ -175,11 +175,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..devices import DeviceHub
     from ..transport import status_names
 
-    hub_needed = args.profile == "linux-v0" or len(args.device_type) > 1
+    # the bus messages (GET_DEVICES, PING) are the hub's: every profile that has them
+    hub_needed = args.profile != "qemu-v0" or len(args.device_type) > 1
     if len(args.device_type) > 1 and args.profile == "qemu-v0":
         raise ValueError(
             f"--device-type {','.join(args.device_type)}: qemu-v0 carries one device per bus; "
-            "use --profile linux-v0 for several"
+            "use --profile linux-v0 (or spec-v1) for several"
         )
     # linux-v0: the driver may have queued its GET_DEVICES before we start (it must be
     # answered), and a restarted device side must pick up the queues where they are.

@@ -200,11 +200,12 @@ class DeviceHub:
         if isinstance(msg, p.BusPing):
             self.stats.pings += 1
             with self._lock:
+                reply = p.BusPingResponse(data=msg.data, token=msg.token)
                 if self._holding(time.monotonic()):
-                    self._held.append(p.BusPingResponse(data=msg.data))
+                    self._held.append(reply)
                     self.stats.pings_held += 1
                     return
-                self._send(p.BusPingResponse(data=msg.data))
+                self._send(reply)
             late = time.monotonic() - read_at
             if late > PING_DEADLINE:
                 self.stats.late_pings += 1
@@ -216,6 +217,7 @@ class DeviceHub:
             self.stats.get_devices += 1
             reply = self.get_devices(msg, self._bus.profile if self._bus else "linux-v0")
             assert isinstance(reply, p.BusGetDevicesResponse)
+            reply = dataclasses.replace(reply, token=msg.token)  # spec-v1 matches by token
             listed = {
                 reply.offset + i for i in range(reply.num) if reply.bitmap[i // 8] >> (i % 8) & 1
             }
