@@ -131,7 +131,7 @@ def test_several_device_types_need_the_linux_profile_and_distinct_types(server):
     base = cli("serve", "--server", server.socket_path, "--vectors", "2")
     got = subprocess.run([*base, "--device-type", "rng,console"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
-    assert got.returncode == 2 and "use --profile linux-v0 for several" in got.stderr
+    assert got.returncode == 2 and "use --profile linux-v0 (or spec-v1) for several" in got.stderr
     got = subprocess.run([*base, "--device-type", "rng,rng", "--profile", "linux-v0"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert got.returncode == 2 and "names a device type twice" in got.stderr
