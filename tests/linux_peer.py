@@ -52,6 +52,7 @@ class Probed:
     device_id: int
     features: int
     queues: list[DriverQueue] = field(default_factory=list)
+    offered: int = 0  # what GET_DEV_FEATURES (index 0, num 2) said
 
 
 class LinuxLikePeer:
@@ -283,7 +284,7 @@ class LinuxLikePeer:
         if not back.status & 0x08:
             self.log.append(f"dev {dev_id}: FEATURES_OK not kept")
             return None
-        probed = Probed(dev_id, info.device_id, features)
+        probed = Probed(dev_id, info.device_id, features, offered=offered.features)
         for index in range(info.max_virtqueues or 8):
             vq = self.request(p.GetVqueue(index=index, dev_num=dev_id))
             assert isinstance(vq, p.GetVqueueResponse)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ivshmem_bus.backends.fake import FakeDevice, fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
@@ -141,6 +143,10 @@ def test_whole_startup_then_entropy_and_console_both_ways(make_link):
     assert [(d.dev_id, d.device_id) for d in devices] == [(0, 4), (1, 3)]
     rng, console = link.devices
     assert rng.status == console.status == 0x0F  # ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK
+    for d in devices:  # VERSION_1 offered, ACCESS_PLATFORM (bit 33) not
+        assert d.offered >> 32 & 0b11 == 0b01
+    # GET_VQUEUE's max_size was a power of two and the driver allocated exactly that many
+    assert [q.layout.size for d in devices for q in d.queues] == [1024, 1024, 1024]
     # SET_DRV_FEATURES went out with msg_size 14: the words past it were read all the same
     assert rng.driver_features == console.driver_features == 1 << 32
     assert peer.read_entropy(0, 1000) == link.source[:1000]  # 64-byte buffers, in order
@@ -163,6 +169,77 @@ def test_messages_queued_before_the_device_starts_are_answered_when_it_starts(ma
     link.serve()
     t.join(10)
     assert [d.dev_id for d in got[0]] == [0, 1]  # type: ignore[union-attr]
+    # GET_DEVICES was answered later than ~50 ms: the first PING comes a second later
+    assert link.peer.pings_sent == 0
+    wait_for(lambda: link.peer.ping_responses == 1, 2.0)
+
+
+def test_both_devices_work_at_the_same_time(make_link):
+    link = make_link()
+    peer = link.peer
+    peer.probe_all()
+    peer.console_open(1)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(peer.read_entropy(0, 4096)))
+    reader.start()
+    host = b""
+    for i in range(20):
+        peer.console_write(1, b"line %02d\n" % i)
+        host += link.io.take()  # a reader on the host side (the device holds back otherwise)
+    reader.join(10)
+    assert got == [link.source[:4096]]
+    wait_for(lambda: link.devices[1].received == 160)
+    assert host + link.io.take() == b"".join(b"line %02d\n" % i for i in range(20))
+
+
+@pytest.mark.parametrize("layout", ["console,rng", "rng at 1 alone"])
+def test_either_order_and_a_single_device_at_dev_id_1(make_link, tmp_path, layout):
+    io = MemoryIO()
+    if layout == "console,rng":
+        devices = {0: ConsoleDevice(io, "linux-v0"), 1: RngDevice("linux-v0")}
+    else:
+        devices = {1: RngDevice("linux-v0")}
+    link = make_link(serve=False)
+    link.hub = DeviceHub(devices)
+    for d in devices.values():
+        d.window = link.window()
+    link.devices += list(devices.values())
+    link.serve()
+    got = link.peer.probe_all()
+    want = [(0, 3), (1, 4)] if layout == "console,rng" else [(1, 4)]
+    assert [(d.dev_id, d.device_id) for d in got] == want
+    assert len(link.peer.read_entropy(1, 256)) == 256
+    io.close()
+
+
+def test_set_config_with_the_short_msg_size_and_reset_vqueue(make_link):
+    link = make_link()
+    peer = link.peer
+    peer.probe_all()
+    console = link.devices[1]
+    # the stack's SET_CONFIG: msg_size 18 covers generation/offset/size, not the bytes
+    set_cols = p.SetConfig(console.generation, 0, 2, b"\x84\x00", dev_num=1)
+    reply = peer.request(set_cols, msg_size=18)
+    assert isinstance(reply, p.SetConfigResponse) and reply.data == b"\x84\x00"
+    assert bytes(console.config[:2]) == b"\x84\x00"  # cols 132
+    got = peer.request(p.GetConfig(offset=0, size=2, dev_num=1))
+    assert got.data == b"\x84\x00"
+    # RESET_VQUEUE waits for its response too (the index echoed); the queue is gone after
+    assert peer.request(p.ResetVqueue(index=1, dev_num=1)) == p.ResetVqueueResponse(1, dev_num=1)
+    assert console.queues[1].queue is None
+    assert peer.request(p.GetVqueue(index=1, dev_num=1)).size == 0
+
+
+def test_hostile_queue_addresses_are_refused_and_the_bus_goes_on(make_link):
+    link = make_link()
+    peer = link.peer
+    peer.probe_all()
+    far = RAM_BASE + len(link.ram)  # just past guest B's RAM
+    reply = peer.request(p.SetVqueue(0, 256, far, far + 4096, far + 8192, dev_num=0))
+    assert isinstance(reply, p.SetVqueueResponse)
+    assert peer.request(p.GetVqueue(index=0, dev_num=0)).size == 0  # refused: left unset
+    assert link.devices[0].refused == 1
+    assert peer.request(p.GetDeviceStatus(dev_num=1)).status == 0x0F
 
 
 def test_power_off_drops_the_queues_then_a_fresh_startup_works(make_link):
@@ -373,3 +450,24 @@ def test_device_restart_while_the_driver_keeps_running(make_link, tmp_path):
     assert [d.dev_id for d in fresh.probe_all()] == [0, 1]
     assert fresh.read_entropy(0, 64) == link.source[:64]
     assert again[0].status & DRIVER_OK
+
+
+# --- GET_DEVICES for any window the driver asks about ---------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(0, 0xFFFF),
+    num=st.integers(0, 0xFFFF),
+    dev_ids=st.sets(st.integers(0, 0xFFFF), max_size=8),
+)
+def test_get_devices_echoes_the_window_and_sets_exactly_the_served_bits(offset, num, dev_ids):
+    hub = DeviceHub({d: RngDevice("linux-v0") for d in dev_ids})
+    reply = hub.get_devices(p.BusGetDevices(offset=offset, num=num))
+    assert (reply.offset, reply.num) == (offset, min(num, 416))  # 58 - 6 payload bytes
+    bits = {reply.offset + i for i in range(reply.num) if reply.bitmap[i // 8] >> (i % 8) & 1}
+    assert bits == {d for d in dev_ids if offset <= d < offset + reply.num}
+    raw = p.encode(reply, "linux-v0")  # always fits the 64-byte slot
+    assert len(raw) == 64 and p.decode(raw, "linux-v0") == reply
+    beyond = any(d >= offset + reply.num for d in dev_ids)
+    assert reply.next_offset == (min(offset + reply.num, 0xFFFF) if beyond else 0)
