@@ -188,7 +188,9 @@ class DeviceHub:
         num = min(msg.num, most)
         bits = bytearray((num + 7) // 8)
         beyond = False
-        for dev_id in self._devices:
+        with self._lock:  # add / remove may run on another thread
+            served = list(self._devices)
+        for dev_id in served:
             i = dev_id - msg.offset
             if 0 <= i < num:
                 bits[i // 8] |= 1 << (i % 8)
@@ -274,7 +276,7 @@ class DeviceHub:
             self._unknown_seen.add(msg.dev_num)
             log.warning(
                 "%s for dev_id %d dropped: this bus serves dev_id(s) %s",
-                type(msg).__name__, msg.dev_num, sorted(self._devices) or "none",
+                type(msg).__name__, msg.dev_num, sorted(self.devices) or "none",
             )  # fmt: skip
 
     def _tick(self, now: float, turn: float) -> None:
@@ -288,9 +290,10 @@ class DeviceHub:
             )  # fmt: skip
         with self._lock:
             if self._waiting_ok and now >= self._hold_until:
-                log.info(
-                    "start-up hold: dev_id(s) %s not at DRIVER_OK after %.1f s; sending %d "
-                    "held bus message(s)", sorted(self._waiting_ok), self.hold_limit,
+                log.warning(
+                    "start-up hold: dev_id(s) %s not at DRIVER_OK after %.1f s (did the driver "
+                    "fail its probe?); sending %d held bus message(s)",
+                    sorted(self._waiting_ok), self.hold_limit,
                     len(self._held),
                 )  # fmt: skip
                 self._release()
