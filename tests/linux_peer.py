@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import cast
 
 from ivshmem_bus.backends.base import IvshmemDevice
 from ivshmem_bus.core import protocol as p
@@ -304,11 +305,12 @@ class LinuxLikePeer:
         return probed
 
     def _alloc(self, size: int, align: int = 4096) -> int:
-        addr = (self._next_addr + align - 1) & ~(align - 1)
-        self._next_addr = addr + size
-        if self._next_addr > self.ram.base + self.ram.size:
-            raise MemoryError("peer RAM exhausted")
-        return addr
+        with self._send_lock:  # rng and console users may allocate from two threads
+            addr = (self._next_addr + align - 1) & ~(align - 1)
+            if addr + size > self.ram.base + self.ram.size:
+                raise MemoryError("peer RAM exhausted")
+            self._next_addr = addr + size
+            return addr
 
     # --- data ------------------------------------------------------------------------------------
 
@@ -393,7 +395,7 @@ class LinuxLikePeer:
         while len(out) < n:
             reaped = queue.reap()
             for token, used in reaped:
-                buf, size = token  # type: ignore[misc]
+                buf, size = cast(tuple[int, int], token)
                 out += self.ram.view(buf, used)
                 queue.add([], [(buf, size)], token=token)
             if reaped and queue.publish():
