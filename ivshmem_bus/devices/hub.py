@@ -181,7 +181,9 @@ class DeviceHub:
 
     # Bus messages ------------------------------------------------------------------------------
 
-    def get_devices(self, msg: p.BusGetDevices, profile: str = "linux-v0") -> p.Message:
+    def get_devices(
+        self, msg: p.BusGetDevices, profile: str = "linux-v0"
+    ) -> p.BusGetDevicesResponse:
         """The GET_DEVICES response: offset echoed, num echoed (clipped to what one message
         of ``profile`` carries), bit i = dev_id offset+i is served."""
         most = (MESSAGE_SIZE[profile] - HEADER_SIZE[profile] - 6) * 8
@@ -217,14 +219,13 @@ class DeviceHub:
                 )  # fmt: skip
         elif isinstance(msg, p.BusGetDevices):
             self.stats.get_devices += 1
-            reply = self.get_devices(msg, self._bus.profile if self._bus else "linux-v0")
-            assert isinstance(reply, p.BusGetDevicesResponse)
-            reply = dataclasses.replace(reply, token=msg.token)  # spec-v1 matches by token
+            found = self.get_devices(msg, self._bus.profile if self._bus else "linux-v0")
+            found = dataclasses.replace(found, token=msg.token)  # spec-v1 matches by token
             listed = {
-                reply.offset + i for i in range(reply.num) if reply.bitmap[i // 8] >> (i % 8) & 1
+                found.offset + i for i in range(found.num) if found.bitmap[i // 8] >> (i % 8) & 1
             }
             with self._lock:
-                self._send(reply)
+                self._send(found)
                 if self.hold_pings and listed:
                     self._waiting_ok = listed
                     self._hold_until = time.monotonic() + self.hold_limit
