@@ -7,9 +7,9 @@ tests can hold ``ivshmem-bus serve --profile linux-v0`` to it without a Linux gu
   whole queue;
 - start-up: GET_DEVICES (offset 0, num 32) dropped unless it echoes offset 0 and num 32; then
   per listed device DEVICE_INFO (num_feature_bits must be 64, device_id 0 = none), status 0,
-  1, 3, GET_DEV_FEATURES (0, 2), SET_DRV_FEATURES with the short msg_size (14), status 0x0b and
-  a read-back, GET_VQUEUE / SET_VQUEUE per queue (exactly max_size entries, in its own RAM),
-  status 0x0f;
+  then 1 and 3 (each a GET then a SET, as the virtio core adds a bit), GET_DEV_FEATURES (0, 2),
+  SET_DRV_FEATURES with the short msg_size (14), status 0x0b and a read-back, GET_VQUEUE /
+  SET_VQUEUE per queue (exactly max_size entries, in its own RAM), status 0x0f;
 - every request waits for its response under one lock;
 - keep-alive: a ping timer armed when GET_DEVICES is sent fires ~50 ms later, then every
   second; it sends a PING only once a device is registered (its probe began), so a GET_DEVICES
@@ -272,15 +272,17 @@ class LinuxLikePeer:
             self.log.append(f"dev {dev_id}: num_feature_bits {info.num_feature_bits}, not 64")
             return None
         self.registered = True
-        for status in (0, 1, 3):
-            self.request(p.SetDeviceStatus(status=status, dev_num=dev_id))
+        self.request(p.SetDeviceStatus(status=0, dev_num=dev_id))  # reset
+        for status in (1, 3):  # the virtio core adds a bit: read the status, write it with it
             self.request(p.GetDeviceStatus(dev_num=dev_id))
+            self.request(p.SetDeviceStatus(status=status, dev_num=dev_id))
         offered = self.request(p.GetFeatures(index=0, num=2, dev_num=dev_id))
         assert isinstance(offered, p.GetFeaturesResponse)
         features = offered.features & VERSION_1
         self.request(p.SetFeatures(index=0, num=2, features=features, dev_num=dev_id), msg_size=14)
+        self.request(p.GetDeviceStatus(dev_num=dev_id))
         self.request(p.SetDeviceStatus(status=0x0B, dev_num=dev_id))
-        back = self.request(p.GetDeviceStatus(dev_num=dev_id))
+        back = self.request(p.GetDeviceStatus(dev_num=dev_id))  # the FEATURES_OK check
         assert isinstance(back, p.GetDeviceStatusResponse)
         if not back.status & 0x08:
             self.log.append(f"dev {dev_id}: FEATURES_OK not kept")
@@ -301,6 +303,7 @@ class LinuxLikePeer:
             )  # fmt: skip
             probed.queues.append(queue)
             self._queues.append(queue)
+        self.request(p.GetDeviceStatus(dev_num=dev_id))
         self.request(p.SetDeviceStatus(status=0x0F, dev_num=dev_id))
         return probed
 
