@@ -362,21 +362,30 @@ def test_the_hold_ends_in_time_when_a_listed_device_never_reaches_driver_ok(make
 # --- Keep-alive ---------------------------------------------------------------------------------
 
 
-def test_pings_answered_within_250_ms_while_a_handler_sleeps_2_s(make_link, caplog):
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # pure Python: holds the GIL but for CPython's switches
+        pass
+
+
+@pytest.mark.parametrize("stall", [time.sleep, _spin], ids=["sleeps", "computes"])
+def test_pings_answered_within_250_ms_while_a_handler_takes_2_s(make_link, caplog, stall):
     link = make_link(ping_period=0.2)
     peer = link.peer
     peer.probe_all()
     rng = link.devices[0]
     fill = rng.handlers[0]
 
-    def slow_fill(chain):  # a slow --source: one read takes 2 s
-        time.sleep(2.0)
+    def slow_fill(chain):  # a slow --source (one read takes 2 s), or a long computation
+        stall(2.0)
         return fill(chain)
 
     rng.handlers[0] = slow_fill
     caplog.set_level(logging.WARNING, logger="ivshmem_bus.devices.hub")
     before = len(peer.ping_rtts)
-    reader = threading.Thread(target=lambda: peer.read_entropy(0, 64), daemon=True)
+    peer.request_timeout = 10.0  # the driver waits (up to 100 s) for the slow buffer
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(peer.read_entropy(0, 64)), daemon=True)
     t0 = time.monotonic()
     reader.start()
     time.sleep(0.3)
@@ -384,7 +393,8 @@ def test_pings_answered_within_250_ms_while_a_handler_sleeps_2_s(make_link, capl
     t = time.monotonic()
     assert peer.request(p.GetDeviceStatus(dev_num=1)).status == 0x0F
     assert time.monotonic() - t < KEEPALIVE
-    reader.join(10)
+    reader.join(15)
+    assert got == [link.source[:64]]
     assert time.monotonic() - t0 >= 2.0  # the handler really took its 2 s
     during = peer.ping_rtts[before:]
     assert len(during) >= 6  # a PING every 0.2 s
