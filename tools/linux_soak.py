@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,14 +65,19 @@ def soak(minutes: float, tmp: Path) -> dict[str, object]:
         try:
             peer.probe_all()
             peer.console_open(1)
+            host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a reader of hvc0's far end
+            host.connect(str(tmp / "console"))
+            host.settimeout(5)
             entropy = len(peer.read_entropy(0, 64))  # /dev/urandom opened before the count
             start = _usage(serve.pid)
+            lines = 0
             t_end = time.monotonic() + minutes * 60
             next_line = time.monotonic()
             while time.monotonic() < t_end and not peer.stale:
                 entropy += len(peer.read_entropy(0, 64))
                 if time.monotonic() >= next_line:
                     peer.console_write(1, b"soak\n")
+                    lines += host.recv(64) == b"soak\n"
                     next_line += 1.0
                 time.sleep(0.001)
             end = _usage(serve.pid)
@@ -84,9 +90,11 @@ def soak(minutes: float, tmp: Path) -> dict[str, object]:
                 "slowest_ping_ms": round(max(peer.ping_rtts, default=0) * 1e3, 2),
                 "stale": peer.stale,
                 "entropy_bytes": entropy,
+                "console_lines": lines,
                 "serve_rss_kib": [start[0], end[0]],
                 "serve_fds": [start[1], end[1]],
             }
+            host.close()
         finally:
             peer.close()
             peer.release_ram()
