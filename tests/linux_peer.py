@@ -87,6 +87,7 @@ class LinuxLikePeer:
         self.bus_buf = bytes(64)  # the one receive buffer bus messages share
         self.devices: list[Probed] = []
         self._queues: list[DriverQueue] = []
+        self._buffers: dict[tuple[int, str], int] = {}  # (dev_id, use) -> a reused buffer
         self.log: list[str] = []
         self.pings_sent = 0
         self.ping_responses = 0
@@ -307,6 +308,13 @@ class LinuxLikePeer:
         self.request(p.SetDeviceStatus(status=0x0F, dev_num=dev_id))
         return probed
 
+    def _buffer(self, dev_id: int, use: str, size: int) -> int:
+        """A buffer for one use, allocated once (the data of a long run reuses it)."""
+        key = (dev_id, use + str(size))
+        if key not in self._buffers:
+            self._buffers[key] = self._alloc(size, 64)
+        return self._buffers[key]
+
     def _alloc(self, size: int, align: int = 4096) -> int:
         with self._send_lock:  # rng and console users may allocate from two threads
             addr = (self._next_addr + align - 1) & ~(align - 1)
@@ -334,7 +342,7 @@ class LinuxLikePeer:
         """What virtio-rng does: one ``chunk``-byte buffer at a time, one EVENT_AVAIL each."""
         dev = next(d for d in self.devices if d.dev_id == dev_id)
         queue = dev.queues[0]
-        buf = self._alloc(chunk, 64)
+        buf = self._buffer(dev_id, "rng", chunk)
         out = bytearray()
         while len(out) < n:
             queue.add([], [(buf, chunk)], token=buf)
@@ -379,7 +387,9 @@ class LinuxLikePeer:
     def console_write(self, dev_id: int, data: bytes) -> None:
         """``echo data > /dev/hvc0``: one readable buffer on transmitq, until it is used."""
         queue = self._device(dev_id).queues[1]
-        buf = self._alloc(max(1, len(data)), 64)
+        if len(data) > 4096:
+            raise ValueError("one transmit buffer holds at most 4096 bytes")
+        buf = self._buffer(dev_id, "tx", 4096)
         self.ram.view(buf, len(data))[:] = data
         queue.add([(buf, len(data))], [], token=buf)
         if queue.publish():
