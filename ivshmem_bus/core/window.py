@@ -114,6 +114,13 @@ class BufferWindow:
     def size(self) -> int:
         return len(self._mv)
 
+    @property
+    def buffer(self) -> memoryview:
+        """The window's bytes as one ``"B"`` view (buffer offset = address - ``base``): for
+        the virtqueue core's data path, which slices it itself after the same range check
+        as ``view``."""
+        return self._mv
+
     def offset(self, addr: int, length: int) -> int:
         """The buffer offset of a checked range (for windows built on this one)."""
         off = addr - self._base

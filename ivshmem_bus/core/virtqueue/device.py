@@ -22,18 +22,14 @@ avail_event and re-reads avail.idx after a full fence before saying so.
 
 from __future__ import annotations
 
-import struct
-
 from ...errors import VirtqueueError, WindowError
-from ..window import MemoryWindow
+from ..window import BufferWindow, MemoryWindow
 from .chain import Chain
 from .layout import (
     DESC,
     IDX_OFF,
     MAX_QUEUE_SIZE,
     RING_HEADER,
-    U16,
-    USED_ELEM,
     USED_ELEM_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -101,6 +97,16 @@ class DeviceQueue:
         self._desc = window.view(layout.desc_addr, desc_len)
         self._avail = window.view(layout.avail_addr, avail_len)
         self._used = window.view(layout.used_addr, used_len)
+        # Typed views of the two rings for the data path: one item access per ring entry or
+        # used-element field instead of a struct call (native order: the project's hosts are
+        # little-endian, as the window's own 16-bit accesses already assume).
+        self._ring = self._avail[RING_HEADER : RING_HEADER + 2 * size].cast("H")
+        self._elems = self._used[RING_HEADER : RING_HEADER + USED_ELEM_SIZE * size].cast("I")
+        # A plain BufferWindow (view() not overridden) is sliced here directly for a chain of
+        # one descriptor: the same range check as BufferWindow.view, without the call.
+        flat = isinstance(window, BufferWindow) and type(window).view is BufferWindow.view
+        self._flat = window.buffer if isinstance(window, BufferWindow) and flat else None
+        self._flat_base = window.base
         self._avail_flags_addr = layout.avail_addr
         self._avail_idx_addr = layout.avail_addr + IDX_OFF
         self._used_event_addr = layout.avail_addr + RING_HEADER + 2 * size
@@ -177,16 +183,31 @@ class DeviceQueue:
                 if self._load_avail_idx() == last:
                     return None
             self._fence()  # acquire: ring entries and descriptors after avail.idx
-        (head,) = U16.unpack_from(self._avail, RING_HEADER + 2 * (last & self._mask))
+        head = self._ring[last & self._mask]
         self._last_avail = (last + 1) & 0xFFFF
-        # The walk, inline (the data path): one descriptor read, one checked view per step;
-        # at most ``size`` steps, each one counted before ``next`` is followed.
         size = self._size
         if head >= size:
             raise self._break(
                 f"avail ring entry {last} head={head} is out of range (queue size {size})"
             )
         desc = self._desc
+        flat = self._flat
+        if flat is not None:  # the common chain, one direct buffer, without the general walk
+            addr, length, flags, _ = DESC.unpack_from(desc, head << 4)
+            if not flags & (_NEXT | _INDIRECT):
+                off = addr - self._flat_base
+                if off < 0 or off + length > len(flat):
+                    raise self._break(
+                        f"chain head={head}: descriptor {head} addr=0x{addr:x} len={length} "
+                        f"lies outside {self._window.name}"
+                    )
+                self._in_flight += 1
+                buf = flat[off : off + length]
+                if flags & _WRITE:
+                    return Chain(head, [], [buf])
+                return Chain(head, [buf.toreadonly()], [])
+        # The walk, inline (the data path): one descriptor read, one checked view per step;
+        # at most ``size`` steps, each one counted before ``next`` is followed.
         view = self._view
         unpack = DESC.unpack_from
         readable: list[memoryview] = []
@@ -318,15 +339,13 @@ class DeviceQueue:
             raise ValueError(f"virtqueue {self.index}: push without a popped chain to return")
         if not 0 <= head < self._size:
             raise ValueError(f"virtqueue {self.index}: head {head} is out of range")
+        if not 0 <= written <= 0xFFFFFFFF:
+            raise ValueError(f"virtqueue {self.index}: written length {written} is not a u32")
         used = self._used_idx
-        try:
-            USED_ELEM.pack_into(
-                self._used, RING_HEADER + USED_ELEM_SIZE * (used & self._mask), head, written
-            )
-        except struct.error:
-            raise ValueError(
-                f"virtqueue {self.index}: written length {written} is not a u32"
-            ) from None
+        at = 2 * (used & self._mask)  # the element's id; its len follows (u32 each)
+        elems = self._elems
+        elems[at] = head
+        elems[at + 1] = written
         self._used_idx = (used + 1) & 0xFFFF
         self._in_flight -= 1
 
@@ -394,8 +413,9 @@ class DeviceQueue:
 
         The queue is unusable afterwards. Views handed out in chains are the caller's.
         """
-        for area in (self._desc, self._avail, self._used):
+        for area in (self._ring, self._elems, self._desc, self._avail, self._used):
             area.release()
+        self._flat = None
         self.broken = True
         self._error = self._error or "released"
 
