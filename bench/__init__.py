@@ -40,6 +40,13 @@ doorbell  one doorbell from ring to wake-up in the other process (C eventfd, Pyt
           ``os.write``/``poll``, ``FakeDevice.ring``/``wait``), the cost of the ``ring`` call,
           and what a burst of 32 ``bus.send`` costs in doorbells and receiver wake-ups, with
           QEMU's semantics (a doorbell per send) and with ``coalesce=True``.
+vq        the virtqueue data path (issue 15): a Python driver and a null device
+          (``vqdev.NullDevice``, one copy per byte and no other work) over the fake pair,
+          queue and buffers in the pool of BAR2, 64 B / 4 KiB / 64 KiB buffers, both ways
+          (device reads, device writes), against C ``memcpy`` of the same bytes from the
+          same number of buffers; the device's response time to GET_DEVICE_STATUS while it
+          works through a 1024-entry queue; and a verified soak (10^6 buffers per run,
+          stamped and checked on both sides: lost, duplicated, corrupted, RSS and fds).
 
 Results go to ``bench-results.json`` (``--json``) so that runs can be compared; the smoke
 test (tests/test_bench_smoke.py) checks its shape, never its figures. Other processes skew
@@ -49,10 +56,10 @@ the benchmark used during one of its runs (``foreign_cpu``), and the table warns
 does a disturbed run again (at most ``--runs`` extra runs per figure).
 
 Modules: ``harness`` (processes, shared files, statistics, the run loop), ``throughput`` (raw,
-encoded), ``roundtrip`` (rtt, flood), ``doorbell``, ``_cref`` (the C reference), ``report``
-(machine, ratios, targets), ``table`` (the printed tables), ``driver`` (one whole run). This
-module only parses arguments, so that ``ivshmem-bus`` can offer ``bench`` without importing
-the benchmark.
+encoded), ``roundtrip`` (rtt, flood), ``doorbell``, ``virtqueue`` and ``vqdev`` (vq), ``_cref``
+(the C reference), ``report`` (machine, ratios, targets), ``table`` (the printed tables),
+``driver`` (one whole run). This module only parses arguments, so that ``ivshmem-bus`` can
+offer ``bench`` without importing the benchmark.
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ from pathlib import Path
 __all__ = ["CASES", "DEFAULT_JSON", "DESCRIPTION", "SCHEMA", "add_arguments", "cmd_bench", "main"]
 
 SCHEMA = "ivshmem-bus-bench/1"
-CASES = ("raw", "encoded", "rtt", "flood", "doorbell")
+CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "vq")
 DEFAULT_JSON = "bench-results.json"
 DESCRIPTION = __doc__.splitlines()[0]
 

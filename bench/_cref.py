@@ -306,6 +306,29 @@ static int run_efd(uint64_t count, const char *out) {
     return 0;
 }
 
+/* memcpy BUF NBUF COUNT: COUNT copies of BUF bytes, buffer i from slot i % NBUF of a shared
+   mapping (as a queue's buffers) into one private sink: the same bytes the vq case's device
+   copies, one copy each. Prints "count ns checksum" (the checksum keeps the copies alive). */
+static int run_memcpy(size_t buf, uint32_t nbuf, uint64_t count) {
+    uint8_t *ring = mmap(NULL, buf * nbuf, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                         -1, 0);
+    uint8_t *sink = malloc(buf);
+    if (ring == MAP_FAILED || !sink) die("memcpy buffers");
+    for (size_t i = 0; i < buf * nbuf; i++) ring[i] = (uint8_t)i;
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < nbuf; i++) memcpy(sink, ring + (size_t)i * buf, buf);  /* warm */
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < count; i++) {
+        memcpy(sink, ring + (size_t)(i % nbuf) * buf, buf);
+        __asm__ __volatile__("" : : "r"(sink) : "memory");  /* no copy is optimized away */
+        sum += sink[i % buf];
+    }
+    uint64_t ns = now_ns() - t0;
+    printf("%llu %llu %llu\n", (unsigned long long)count, (unsigned long long)ns,
+           (unsigned long long)sum);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc == 5 && !strcmp(argv[1], "spsc"))
         return run_spsc(argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0));
@@ -316,9 +339,12 @@ int main(int argc, char **argv) {
         return run_spin_rtt(argv[2], strtoull(argv[3], 0, 0), argv[4]);
     if (argc == 4 && !strcmp(argv[1], "efd"))
         return run_efd(strtoull(argv[2], 0, 0), argv[3]);
+    if (argc == 5 && !strcmp(argv[1], "memcpy"))
+        return run_memcpy(strtoull(argv[2], 0, 0), (uint32_t)strtoul(argv[3], 0, 0),
+                          strtoull(argv[4], 0, 0));
     fprintf(stderr,
             "usage: %s spsc FILE LEN COUNT | spsc-block FILE LEN COUNT BATCH"
-            " | spin-rtt FILE COUNT OUT | efd COUNT OUT\n",
+            " | spin-rtt FILE COUNT OUT | efd COUNT OUT | memcpy BUF NBUF COUNT\n",
             argv[0]);
     return 64;
 }

@@ -27,6 +27,7 @@ from .report import machine_info, ratios, targets
 from .roundtrip import case_flood, case_rtt
 from .table import print_table
 from .throughput import case_encoded, case_raw
+from .virtqueue import case_vq
 
 __all__ = ["CASE_FUNCS", "run"]
 
@@ -36,6 +37,7 @@ CASE_FUNCS: dict[str, Callable[[Config], list[dict[str, Any]]]] = {
     "rtt": case_rtt,
     "flood": case_flood,
     "doorbell": case_doorbell,
+    "vq": case_vq,
 }
 
 

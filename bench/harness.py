@@ -46,6 +46,12 @@ COUNTS: dict[str, int] = {
     "flood": 50_000,
     "doorbell.wake": 20_000,
     "doorbell.bursts": 2_000,
+    "vq.64": 500_000,
+    "vq.4096": 300_000,
+    "vq.65536": 100_000,
+    "vq.memcpy": 200_000,  # 64 KiB copies; smaller buffers copy the same bytes
+    "vq.latency": 200_000,
+    "vq.soak": 1_000_000,
 }
 BUSY_WARN = 0.15  # other processes using more of the CPUs than this before the run: warn
 MIN_COUNT = 64  # percentiles need samples, even at --scale 0.0001

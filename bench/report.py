@@ -91,6 +91,12 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             py = _median(results, f"raw.{q}.{api}", "rate")
             if c_block and py is not None:
                 out[f"raw.{q}.{api}/c-block"] = py / c_block
+    for size in (64, 4096, 65536):
+        c = _median(results, f"vq.c.memcpy.{size}", "rate")
+        for direction in ("sink", "source"):
+            py = _median(results, f"vq.python.{direction}.{size}", "rate")
+            if c and py is not None:
+                out[f"vq.{direction}.{size}/memcpy"] = py / c
     c = _median(results, "rtt.c.eventfd", "p50_us")
     py = _median(results, "rtt.python.eventfd", "p50_us")
     if c and py is not None:
@@ -189,6 +195,7 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
             lambda v: v <= 1000.0,
             "us",
         )
+    _vq_targets(results, rat, add)
     growth = [
         (
             rec["metrics"]["rss_growth_kib"]["max"],
@@ -206,6 +213,63 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
         "KiB",
     )
     return rows
+
+
+def _vq_targets(
+    results: dict[str, dict[str, Any]],
+    rat: dict[str, float],
+    add: Callable[[str, str, float | None, Callable[[float], bool], str], None],
+) -> None:
+    """Issue 15's: the virtqueue data path (the ``vq`` case)."""
+    for direction in ("sink", "source"):
+        add(
+            f"virtqueue 64 KiB buffers, {direction}, vs C memcpy",
+            ">= 25%",
+            rat.get(f"vq.{direction}.65536/memcpy"),
+            lambda v: v >= 0.25,
+            "ratio",
+        )
+    for direction in ("sink", "source"):
+        add(
+            f"virtqueue 64 B buffers, {direction}, one way",
+            ">= 300,000 buffers/s",
+            _median(results, f"vq.python.{direction}.64", "rate"),
+            lambda v: v >= 3e5,
+            "buffers/s",
+        )
+    add(
+        "device's worst response while it works a queue",
+        "<= 1000 us (QEMU)",
+        _median(results, "vq.latency", "max_us"),
+        lambda v: v <= 1000.0,
+        "us",
+    )
+    soak = results.get("vq.soak")
+    if soak is None:
+        return
+    mt = soak["metrics"]
+    n = soak["params"]["count"]
+    add(
+        f"{_si(n)}-buffer verified run: lost + duplicated + corrupted (worst run)",
+        "0 (issue: 10^6 buffers)",
+        max(mt[k]["max"] for k in ("lost", "duplicated", "corrupted")),
+        lambda v: v == 0,
+        "count",
+    )
+    add(
+        f"{_si(n)}-buffer run: RSS growth, 2nd half, either process (worst run)",
+        f"<= {RSS_SLACK_KIB} KiB",
+        max(mt[k]["max"] for k in ("driver_rss_growth_kib", "device_rss_growth_kib")),
+        lambda v: v <= RSS_SLACK_KIB,
+        "KiB",
+    )
+    add(
+        f"{_si(n)}-buffer run: open fds growth, either process (worst run)",
+        "0",
+        max(mt[k]["max"] for k in ("driver_fd_growth", "device_fd_growth")),
+        lambda v: v == 0,
+        "count",
+    )
 
 
 def _si(v: float) -> str:

@@ -77,7 +77,7 @@ def _latency(title: str, recs: list[dict[str, Any]], extra: list[tuple[str, str]
             stat = rec["metrics"].get(key)
             if stat is None:
                 cells.append("")
-            elif key == "over_1ms":
+            elif key in ("over_1ms", "probes"):
                 cells.append(_cell(stat, lambda v: f"{v:.0f}"))
             elif key == "rate":
                 cells.append(_cell(stat, _si))
@@ -100,11 +100,57 @@ def _burst(rec: dict[str, Any]) -> Text:
     )
 
 
+def _bytes_rate(v: float) -> str:
+    return f"{v / 1e6:,.0f} MB/s"
+
+
+def _vq(recs: list[dict[str, Any]], rat: dict[str, float]) -> Iterator[RenderableType]:
+    """Throughput rows by buffer size, then the latency probe and the verified soak."""
+    table = _table("virtqueue, one way (pool window, fake pair)", "buffers/s", "bytes/s",
+                   "vs C memcpy", "kicks/buffer")  # fmt: skip
+    for rec in recs:
+        mt, rid = rec["metrics"], rec["id"]
+        if rid.startswith(("vq.c.", "vq.python.")):
+            size = rec["params"]["buffer_bytes"]
+            key = ".".join(rid.split(".")[2:4])  # "sink.64" (Python) or "64" (C)
+            vs = f"{rat[f'vq.{key}/memcpy']:.1%}" if f"vq.{key}/memcpy" in rat else ""
+            kicks = mt.get("kicks_per_buffer")
+            table.add_row(
+                f"  {rec['label']}",
+                _cell(mt["rate"], _si),
+                _cell(mt["bytes_rate"], _bytes_rate),
+                vs if rec["impl"] == "python" else f"({size} B each)",
+                _cell(kicks, lambda v: f"{v:.4f}") if kicks else "",
+            )
+    yield table
+    latency = [r for r in recs if r["id"] == "vq.latency"]
+    if latency:
+        extra = [("over_1ms", ">1 ms"), ("probes", "probes")]
+        yield ""
+        yield _latency("device response while it works a queue, us", latency, extra)
+    for rec in recs:
+        if rec["id"] == "vq.soak":
+            mt = rec["metrics"]
+
+            def n(key: str, mt: dict[str, Any] = mt) -> Text:
+                return _cell(mt[key], lambda v: f"{v:.0f}")
+
+            yield Text.assemble(
+                f"  {rec['label']}, {_si(rec['params']['count'])} per run: lost ", n("lost"),
+                ", duplicated ", n("duplicated"), ", corrupted ", n("corrupted"),
+                "; RSS growth KiB driver ", n("driver_rss_growth_kib"), " device ",
+                n("device_rss_growth_kib"), "; fd growth driver ", n("driver_fd_growth"),
+                " device ", n("device_fd_growth"), "; ", _cell(mt["rate"], _si), " buffers/s",
+            )  # fmt: skip
+
+
 def _target_value(t: dict[str, Any]) -> str:
     if t["unit"] == "ratio":
         return f"{t['value']:.2f}x" if "2x" in t["goal"] else f"{t['value']:.1%}"
     if t["unit"] == "B/msg":
         return f"{t['value']:.3f} {t['unit']}"
+    if t["unit"] == "count":
+        return f"{t['value']:.0f}"
     if t["unit"] in ("us", "KiB"):
         return f"{_us(t['value'])} {t['unit']}"
     return f"{_si(t['value'])} {t['unit']}"
@@ -172,6 +218,8 @@ def renderables(report: dict[str, Any]) -> Iterator[RenderableType]:
         extra = [("ring_call_us", "ring call us")]
         yield from ("", WAKE_NOTE, "", _latency("doorbell ring -> wake, us", wakes, extra))
         yield from (_burst(r) for r in by_group["doorbell"] if r["id"].startswith("doorbell.burst"))
+    if "vq" in by_group:
+        yield from ("", *_vq(by_group["vq"], report["ratios"]))
     if report["targets"]:
         yield from ("", _targets(report["targets"]))
         floor = c_floor_note({r["id"]: r for r in report["results"]})

@@ -19,11 +19,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"raw", "encoded", "rtt", "flood", "doorbell"}
+CASES = {"raw", "encoded", "rtt", "flood", "doorbell", "vq"}
 LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
 RAW_APIS = ("per-call", "batch", "batch-py", "many", "drain")
 RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in RAW_APIS}
 C_IDS = {f"raw.{q}.{c}" for q in ("q62", "q4096") for c in ("c", "c-block")}
+VQ_SIZES = (64, 4096, 65536)
+VQ_PYTHON = {f"vq.python.{d}.{s}" for d in ("sink", "source") for s in VQ_SIZES}
+VQ_RATES = {"rate", "bytes_rate", "kicks_per_buffer", "sleeps"}
+SOAK = {"buffers", "lost", "duplicated", "corrupted", "driver_rss_growth_kib",
+        "driver_fd_growth", "device_rss_growth_kib", "device_fd_growth", "rate"}  # fmt: skip
 # Not a terminal, and nothing forcing rich to colour anyway.
 ENV = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
 ANSI = re.compile(r"\x1b\[")
@@ -112,6 +117,38 @@ def test_expected_cases_and_metrics(report):
     for target in data["targets"]:
         assert set(target) == {"name", "goal", "value", "unit", "met"}
         assert target["met"] in (True, False, None)
+
+
+def test_vq_case_records_and_targets(report):
+    data, stdout = report
+    by_id = {r["id"]: r for r in data["results"] if r["group"] == "vq"}
+    c_built = not data["machine"]["c_reference"].startswith(("no C", "skipped"))
+    memcpy = {f"vq.c.memcpy.{s}" for s in VQ_SIZES}
+    assert set(by_id) == VQ_PYTHON | {"vq.latency", "vq.soak"} | (memcpy if c_built else set())
+    for rid in VQ_PYTHON:
+        rec = by_id[rid]
+        assert set(rec["metrics"]) == VQ_RATES, rid
+        assert rec["params"]["buffer_bytes"] == int(rid.rsplit(".", 1)[1])
+        assert rec["params"]["direction"] == rid.split(".")[2]
+        assert rec["metrics"]["rate"]["min"] > 0
+    if c_built:
+        for size in VQ_SIZES:
+            assert set(by_id[f"vq.c.memcpy.{size}"]["metrics"]) == {"rate", "bytes_rate"}
+            assert {f"vq.sink.{size}/memcpy", f"vq.source.{size}/memcpy"} <= set(data["ratios"])
+    latency = by_id["vq.latency"]["metrics"]
+    assert set(latency) == LATENCY | {"probes"} | VQ_RATES
+    assert latency["probes"]["min"] >= 1
+    soak = by_id["vq.soak"]["metrics"]
+    assert set(soak) == SOAK
+    assert soak["buffers"]["min"] == by_id["vq.soak"]["params"]["count"]
+    for key in ("lost", "duplicated", "corrupted"):  # a verification, not a figure
+        assert soak[key]["max"] == 0, key
+    names = [t["name"] for t in data["targets"]]
+    assert sum(n.startswith("virtqueue ") for n in names) == 4
+    assert any(n.startswith("device's worst response while it works a queue") for n in names)
+    assert sum("-buffer" in n for n in names) == 3
+    assert "virtqueue, one way (pool window, fake pair)" in stdout
+    assert "device response while it works a queue, us" in stdout
 
 
 def test_table_printed(report):
