@@ -13,6 +13,7 @@ the driver sees the source is exhausted instead of receiving anything else.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 
@@ -24,6 +25,20 @@ from .base import VirtioMsgDevice
 __all__ = ["RngDevice"]
 
 REQUESTQ = 0
+
+
+def _read_into(src: io.FileIO, buf: memoryview) -> int:
+    """``src.readinto(buf)``, or a read and one copy where the kernel refuses to write into
+    ``buf`` directly: a file system that pins the reader's pages (virtio-9p's zero-copy
+    path) fails with EFAULT on a BAR mapping (VFIO, resource2), which has no pages."""
+    try:
+        return src.readinto(buf) or 0
+    except OSError as exc:
+        if exc.errno != errno.EFAULT:
+            raise
+    data = src.read(len(buf)) or b""
+    buf[: len(data)] = data
+    return len(data)
 
 
 class RngDevice(VirtioMsgDevice):
@@ -71,7 +86,7 @@ class RngDevice(VirtioMsgDevice):
             want = len(buf)
             got = 0
             while got < want:
-                n = src.readinto(buf[got:])
+                n = _read_into(src, buf[got:])
                 if not n:
                     self._exhausted = True
                     break
