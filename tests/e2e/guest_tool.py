@@ -168,6 +168,66 @@ def round_trips(dev, remote: int, count: int, timeout: float) -> dict:
     }
 
 
+def payload(token: str, label: str, size: int) -> bytes:
+    """The bytes one direction of a data-path scenario carries (host and guests agree)."""
+    return hashlib.shake_256(f"payload:{token}:{label}".encode()).digest(size)
+
+
+class Region:
+    """A range of driver addresses for a ``PoolAllocator`` (name, base, size: all it reads)."""
+
+    def __init__(self, name: str, base: int, size: int) -> None:
+        self.name, self.base, self.size = f"{name} [0x{base:x}, +0x{size:x})", base, size
+
+
+def console_in_own_ram(dev, remote: int, ram_bdf: str, region: tuple[int, int], token: str,
+                       size: int, timeout: float) -> dict:  # fmt: skip
+    """Console driver whose queues and buffers live in this guest's own RAM.
+
+    ``ram_bdf`` is an ivshmem-plain function over this guest's RAM file, so its BAR2 offset A
+    is guest-physical address A (mem-offset 0); ``region`` is RAM the kernel never uses (it
+    was booted with ``mem=``). The device sees the same addresses in its ivshmem-plain over
+    the same file. Sends ``payload(token, "b2a")``, then reads ``payload(token, "a2b")``.
+    """
+    from ivshmem_bus.bus import VirtioMsgBus
+    from ivshmem_bus.drivers import ConsoleDriver, VirtioMsgDriver
+    from ivshmem_bus.memory import PoolAllocator, open_window
+
+    send, want = payload(token, "b2a", size), payload(token, "a2b", size)
+    got = bytearray()
+    with (
+        VirtioMsgBus(dev, "driver", remote) as bus,
+        open_window(ram_bdf, mem_offset=0, role="driver") as window,
+    ):
+        alloc = PoolAllocator(Region(window.name, *region))  # type: ignore[arg-type]
+        t0 = time.monotonic()
+        console = ConsoleDriver(VirtioMsgDriver(bus, timeout=timeout), window, allocator=alloc)
+        try:
+            areas = [
+                (q.layout.desc_addr, q.layout.avail_addr, q.layout.used_addr, *q.addrs)
+                for q in (console.rx, console.tx)
+            ]
+            console.write(send)
+            console.drain()
+            sent_s = time.monotonic() - t0
+            deadline = time.monotonic() + timeout
+            while len(got) < len(want) and time.monotonic() < deadline:
+                got += console.read(timeout=1.0)
+        finally:
+            console.close()
+    lo, hi = region[0], region[0] + region[1]
+    return {
+        "window": window.name,
+        "sent": len(send),
+        "sent_s": round(sent_s, 3),
+        "received": len(got),
+        "received_ok": bytes(got) == want,
+        "total_s": round(time.monotonic() - t0, 3),
+        "addresses_in_region": all(lo <= a < hi for q in areas for a in q),
+        "lowest": hex(min(a for q in areas for a in q)),
+    }
+
+
 # Guest command line ------------------------------------------------------------------------------
 
 
@@ -246,6 +306,14 @@ def _step_roundtrips(args) -> dict:
         return round_trips(dev, args.remote, args.count, args.timeout)
 
 
+def _step_console_own_ram(args) -> dict:
+    from ivshmem_bus.backends import open_backend
+
+    with open_backend(device=args.bdf) as dev:
+        return console_in_own_ram(dev, args.remote, args.ram, (args.region, args.region_len),
+                                  args.token, args.size, args.timeout)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     parser = argparse.ArgumentParser(prog="guest_tool.py")
@@ -279,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=_step_roundtrips)
+    p = sub.add_parser("console-own-ram")
+    p.add_argument("bdf")
+    p.add_argument("--remote", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--ram", required=True, help="ivshmem-plain BDF over this guest's RAM")
+    p.add_argument("--region", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--region-len", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--size", type=int, default=65536)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(func=_step_console_own_ram)
     args = parser.parse_args(argv)
     out = args.func(args)
     out["step_s"] = round(time.monotonic() - t0, 3)

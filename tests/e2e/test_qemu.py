@@ -98,13 +98,13 @@ def host_peer(cluster: Cluster):
 
 
 @contextlib.contextmanager
-def spawned(guest: Guest, command: str, ready: str, timeout: float = 60.0):
-    """A long-running command in ``guest``, up once ``ready`` shows in its stdout; stopped
-    (SIGTERM) and waited for on the way out, whatever happened."""
+def spawned(guest: Guest, command: str, ready: str, timeout: float = 60.0, *, stream: int = 0):
+    """A long-running command in ``guest``, up once ``ready`` shows in its stdout (``stream``
+    1: its stderr); stopped (SIGTERM) and waited for on the way out, whatever happened."""
     job: Job = guest.spawn(command)
     try:
         deadline = time.monotonic() + timeout
-        while ready not in job.output()[0]:
+        while ready not in job.output()[stream]:
             if job.done():
                 job.wait(1).check()
                 raise AssertionError(f"{command!r} ended before {ready!r}: {job.output()}")
@@ -304,6 +304,34 @@ def test_host_peer_and_guest_exchange_messages(cluster: Cluster, timing):
             rt = guest_tool.round_trips(host, va, 200, timeout=10)
     assert rt["device_id"] == 4 and rt["count"] == 200 and rt["timeouts"] == 0, rt
     timing["host_to_guest_round_trip_us_p50"] = rt["p50_us"]
+
+
+RNG_BYTES = 1 << 20
+
+
+@pytest.mark.doorbells
+def test_rng_driver_in_b_reads_the_source_of_the_device_in_a(cluster: Cluster, timing):
+    """Issue 15 (6a): ``ivshmem-bus rng -n 1M`` in guest b against ``serve --device-type rng
+    --source FILE`` in guest a, over VFIO and MSI-X, queues and buffers in the pool of BAR2:
+    b's stdout is the file's first MiB, byte for byte (the file is longer: exactly N)."""
+    ensure_bound(cluster)
+    va, vb = cluster.vmids["a"], cluster.vmids["b"]
+    source = secrets.token_bytes(RNG_BYTES + 4096)
+    src = cluster["a"].results / "rng.source"  # a's results directory: shared with a
+    src.write_bytes(source)
+    out = cluster["b"].results / "rng.out"
+    serve = f"{CLI} serve --device {BDF} --remote-vmid {vb} --device-type rng --source {src}"
+    with spawned(cluster["a"], serve, "serving virtio") as job:
+        t0 = time.monotonic()
+        res = cluster["b"].run(
+            f"{CLI} rng --device {BDF} --remote-vmid {va} -n 1M --timeout 10 > {out}", 300
+        )
+        timing["rng_1MiB_s"] = round(time.monotonic() - t0, 2)
+    res.check()
+    job.wait(60).check()
+    got = out.read_bytes()
+    assert len(got) == RNG_BYTES, len(got)
+    assert got == source[:RNG_BYTES]
 
 
 def test_request_sent_before_the_device_side_opened_is_answered(request, cluster: Cluster, timing):

@@ -37,6 +37,16 @@ from .assets import REPO, Assets, find_assets, log
 IVSHMEM_ADDR = "0x10"  # fixed slot: the device is 0000:00:10.0 in every guest
 IVSHMEM_BDF = "0000:00:10.0"
 MODES = ("viommu", "plain", "noiommu")
+# Cluster(peer_ram=True): the last guest's RAM is a shared file, and every guest also gets an
+# ivshmem-plain function over it at 00:11.0 (the others see the peer's RAM; the last guest
+# sees its own, which is how its Python driver reaches guest-physical addresses: BAR2
+# offset = file offset = guest-physical address, q35 with RAM <= 2 GiB having no hole below
+# it). The last guest's kernel is limited to PEER_RAM_KERNEL_MB, so the RAM above is never
+# the kernel's: the driver places its queues and buffers there (PEER_RAM_REGION).
+PEER_RAM_ADDR = "0x11"
+PEER_RAM_BDF = "0000:00:11.0"
+PEER_RAM_KERNEL_MB = 768
+PEER_RAM_REGION = (PEER_RAM_KERNEL_MB << 20, 64 << 20)  # (guest-physical start, length)
 _POLL = 0.02
 _CONSOLE_TAIL = 16000
 
@@ -152,6 +162,8 @@ class Guest:
         iommu: str = "none",
         memory_mb: int = 1024,
         python: str | None = None,
+        machine_options: Sequence[str] = (),
+        kernel_args: Sequence[str] = (),
     ) -> None:
         if iommu not in ("viommu", "noiommu", "none"):
             raise ValueError(f"iommu must be viommu, noiommu or none, not {iommu!r}")
@@ -166,6 +178,8 @@ class Guest:
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.memory_mb = memory_mb
         self.ivshmem_args = list(ivshmem_args)
+        self.machine_options = list(machine_options)
+        self.kernel_args = list(kernel_args)
         self.python = python or os.environ.get("IVSHMEM_E2E_PYTHON") or sys.executable
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
@@ -177,12 +191,12 @@ class Guest:
 
     def qemu_command(self) -> list[str]:
         a = self.assets
-        machine = "q35"
+        machine = ",".join(["q35", *self.machine_options])
         quiet = [] if os.environ.get("IVSHMEM_E2E_VERBOSE") else ["quiet", "loglevel=4"]
         append = [
             "console=ttyS0", "panic=-1", *quiet, "rdinit=/init",
             "8250.nr_uarts=1", "tsc=reliable", "no_timer_check", "mitigations=off",
-            f"e2e_results={self.results}",
+            f"e2e_results={self.results}", *self.kernel_args,
         ]  # fmt: skip
         initramfs = a.initramfs
         iommu_dev: list[str] = []
@@ -425,9 +439,15 @@ class Cluster:
         boot_timeout: float = 180.0,
         workdir: Path | None = None,
         memory_mb: int = 1024,
+        peer_ram: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if peer_ram and (mode == "plain" or memory_mb > 2048 or memory_mb <= PEER_RAM_KERNEL_MB):
+            raise ValueError(
+                f"peer_ram needs a doorbell mode and {PEER_RAM_KERNEL_MB} < memory_mb <= 2048 "
+                f"(guest-physical = file offset), not {mode!r} with {memory_mb} MiB"
+            )
         self.mode = mode
         self.assets = assets or find_assets()
         self.size = size
@@ -437,17 +457,36 @@ class Cluster:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix=f"qemu-e2e-{mode}-"))
         self.socket_path = self.workdir / "ivshmem.sock"
         self.shm_path = self.workdir / "ivshmem.shm"  # plain mode's memory backend
+        self.peer_ram = peer_ram
+        self.memory_mb = memory_mb
+        shm = Path("/dev/shm")  # the RAM file: tmpfs when there is one, as QEMU users do
+        self.peer_ram_path = (
+            shm if shm.is_dir() and os.access(shm, os.W_OK) else self.workdir
+        ) / f"{self.workdir.name}-{names[-1]}.ram"
         self.server: ServerProcess | None = None
         self.guests: dict[str, Guest] = {}
         self.vmids: dict[str, int] = {}
         iommu = "noiommu" if mode == "noiommu" else "viommu"
         for name in names:
+            own = peer_ram and name == names[-1]
             self.guests[name] = Guest(
-                name, self.assets, self.workdir, ivshmem_args=self._ivshmem_args(),
+                name, self.assets, self.workdir, ivshmem_args=self._ivshmem_args(own),
                 iommu=iommu, memory_mb=memory_mb,
+                machine_options=["memory-backend=ram"] if own else [],
+                kernel_args=[f"mem={PEER_RAM_KERNEL_MB}M"] if own else [],
             )  # fmt: skip
 
-    def _ivshmem_args(self) -> list[str]:
+    def _ivshmem_args(self, own_ram: bool = False) -> list[str]:
+        extra: list[str] = []
+        if self.peer_ram:
+            path, mb = self.peer_ram_path, self.memory_mb
+            ram = f"memory-backend-file,share=on,mem-path={path},size={mb}M"
+            extra = [
+                "-object", f"{ram},id=peerram",
+                "-device", f"ivshmem-plain,memdev=peerram,addr={PEER_RAM_ADDR}",
+            ]  # fmt: skip
+            if own_ram:  # the same file is this guest's RAM too
+                extra += ["-object", f"{ram},id=ram"]
         if self.mode == "plain":
             return [
                 "-object", f"memory-backend-file,id=ivshmem,share=on,mem-path={self.shm_path},"
@@ -457,7 +496,7 @@ class Cluster:
         return [
             "-chardev", f"socket,path={self.socket_path},id=ivshmem",
             "-device", f"ivshmem-doorbell,chardev=ivshmem,vectors={self.vectors},"
-            f"addr={IVSHMEM_ADDR}",
+            f"addr={IVSHMEM_ADDR}", *extra,
         ]  # fmt: skip
 
     @property
@@ -469,6 +508,9 @@ class Cluster:
 
     def start(self) -> None:
         t0 = time.monotonic()
+        if self.peer_ram:
+            with open(self.peer_ram_path, "wb") as f:
+                f.truncate(self.memory_mb << 20)
         if self.doorbells:
             self.server = ServerProcess(self.socket_path, size=self.size, vectors=self.vectors)
             self.server.start()
@@ -504,6 +546,8 @@ class Cluster:
         finally:
             if self.server is not None:
                 self.server.stop()
+            if self.peer_ram:
+                self.peer_ram_path.unlink(missing_ok=True)
             if self._own_workdir and not os.environ.get("IVSHMEM_E2E_KEEP"):
                 shutil.rmtree(self.workdir, ignore_errors=True)
             else:
