@@ -257,7 +257,7 @@ def _vq_targets(
         "count",
     )
     add(
-        f"{_si(n)}-buffer run: RSS growth, 2nd half, either process (worst run)",
+        f"{_si(n)}-buffer run: RSS growth after warm-up, either process (worst run)",
         f"<= {RSS_SLACK_KIB} KiB",
         max(mt[k]["max"] for k in ("driver_rss_growth_kib", "device_rss_growth_kib")),
         lambda v: v <= RSS_SLACK_KIB,

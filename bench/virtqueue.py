@@ -15,7 +15,8 @@ Two more records:
   device must answer within QEMU's ~1 ms while it works through its queue;
 - ``vq.soak``: 10^6 verified 64-byte buffers per run at full scale (half SOURCE, checked by
   the driver; half SINK, checked by the device): lost, duplicated and corrupted buffers, and
-  both processes' RSS and open fds over the second half of each direction.
+  the growth of RSS and open fds after warm-up: the driver's over the second half of each
+  direction, the device's from a quarter of the run (half of SOURCE) to its end.
 """
 
 from __future__ import annotations
