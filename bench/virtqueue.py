@@ -21,6 +21,7 @@ Two more records:
 
 from __future__ import annotations
 
+import functools
 import mmap
 import subprocess
 from pathlib import Path
@@ -130,6 +131,11 @@ def _rates(st: Stream) -> dict[str, float]:
     }
 
 
+def _python_rates(direction: str, size: int, count: int) -> dict[str, float]:
+    """One Python run's rates (a named function: ``cfg.repeat`` takes a callable)."""
+    return _rates(vq_python_run(direction, size, count)[0])
+
+
 VQ_UNITS = {
     "rate": "buffers/s",
     "bytes_rate": "B/s",
@@ -204,7 +210,7 @@ def case_vq(cfg: Config) -> list[dict[str, Any]]:
         if cfg.binary is not None:
             binary = cfg.binary
             nc = cfg.count("vq.memcpy") * 65536 // size  # the same bytes for every size
-            runs = cfg.repeat(lambda b=binary, s=size, k=nbuf, c=nc: memcpy_c_run(b, s, k, c))
+            runs = cfg.repeat(functools.partial(memcpy_c_run, binary, size, nbuf, nc))
             out.append(
                 record(
                     f"vq.c.memcpy.{size}",
@@ -216,9 +222,7 @@ def case_vq(cfg: Config) -> list[dict[str, Any]]:
                 )
             )
         for direction, label in DIRECTION_LABELS.items():
-            runs = cfg.repeat(
-                lambda d=direction, size=size, n=n: _rates(vq_python_run(d, size, n)[0])
-            )
+            runs = cfg.repeat(functools.partial(_python_rates, direction, size, n))
             out.append(
                 record(
                     f"vq.python.{direction}.{size}",

@@ -294,7 +294,7 @@ def _check(out: Stream, data: memoryview, expected: int, size: int) -> int:
     if len(data) != size:
         out.corrupted += 1
         return expected
-    (seq,) = _SEQ.unpack_from(data)
+    seq = int(_SEQ.unpack_from(data)[0])
     if data != stamp(seq, size):
         out.corrupted += 1
         return expected
