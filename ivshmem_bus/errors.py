@@ -14,6 +14,7 @@ import errno as _errno
 import os
 
 __all__ = [
+    "BarTooSmall",
     "BusClosed",
     "BusError",
     "BusTimeout",
@@ -24,6 +25,7 @@ __all__ = [
     "PciError",
     "PoolExhausted",
     "ProtocolError",
+    "QueueClaimed",
     "QueueCorrupt",
     "QueueFull",
     "RemoteVmidError",
@@ -97,6 +99,15 @@ class DriverError(IvshmemBusError, RuntimeError):
 
 class RemoteVmidError(IvshmemBusError):
     """``--remote-vmid auto`` found no peer, or several (the message lists them)."""
+
+
+class QueueClaimed(IvshmemBusError):
+    """Another live peer already produces on the queue this end would (``ownership``): one
+    fabric carries one driver and one device. The message names that peer."""
+
+
+class BarTooSmall(IvshmemBusError):
+    """BAR2 cannot hold the bus's two 4 KiB queues (a failed operation, not bad usage)."""
 
 
 class ServerClientError(IvshmemBusError):

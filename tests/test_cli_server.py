@@ -58,7 +58,7 @@ def test_probe_json_through_a_server(fabric):
     assert (doc["device_id"], doc["device_name"]) == (4, "entropy")
     assert doc["feature_names"] == ["VERSION_1"]
     assert doc["queues"] == [{"index": 0, "max_size": 1024}]
-    serve.wait_for("serving virtio rng (id 4) to vmid 1")
+    serve.wait_for("peers seen: 1; serving vmid 1 (it claims the driver queue)")
 
 
 def test_ping_statistics_and_exit_code(fabric):

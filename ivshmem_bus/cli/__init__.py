@@ -159,6 +159,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --remote-vmid auto: how long to wait for the driver's peer",
     )
     serve.add_argument(
+        "--sched",
+        choices=["auto", "fifo", "normal"],
+        default="auto",
+        help="real-time scheduling for QEMU's 1 ms deadline on a busy machine (auto: "
+        "SCHED_FIFO when permitted, e.g. as root)",
+    )
+    serve.add_argument(
         "--no-reset-queues",
         dest="reset_queues",
         action="store_false",

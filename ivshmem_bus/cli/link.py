@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..core import protocol
@@ -23,6 +24,7 @@ from ..errors import BusTimeout
 
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
     from ..backends.base import IvshmemDevice
+    from ..bus import VirtioMsgBus
     from ..transport import DeviceDescription
 
 
@@ -152,50 +154,69 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..backends.peers import follow_single_peer, resolve_remote_vmid
-    from ..bus import VirtioMsgBus, reset_queues_of
+    from ..serving import realtime, serve_link
     from ..transport import status_names
 
     stop = _stop_on_signals()
+    _say(realtime(args.sched))
     with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
-        if args.reset_queues:
-            reset_queues_of(dev)  # before any peer can have sent us anything
-        print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
-        remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
-
-        def on_status(old: int, new: int) -> None:
-            print(f"driver status {status_names(old)} -> {status_names(new)}", flush=True)
-
-        device.on_status = on_status
-        with VirtioMsgBus(dev, "device", remote, args.profile, coalesce=args.coalesce) as bus:
-            print(
-                f"serving virtio {args.device_type} (id {device.device_id}) to vmid {remote} "
-                f"({args.profile}); Ctrl-C stops",
-                flush=True,
-            )
-
-            def follow(msg: protocol.Message) -> None:
-                if args.remote_vmid == "auto":  # answer whoever the driver is now
-                    now = follow_single_peer(dev, bus.remote_vmid)
-                    if now != bus.remote_vmid:
-                        print(f"driver peer {bus.remote_vmid} left; serving vmid {now}", flush=True)
-                        bus.remote_vmid = now
-
-            handled = device.serve(bus, stop=stop.is_set, on_message=follow)
-            print(f"stopped after {handled} messages; {bus.stats}", flush=True)
+        device.on_status = lambda old, new: _say(
+            f"driver status {status_names(old)} -> {status_names(new)}"
+        )
+        result = serve_link(
+            dev, device.handle, remote=args.remote_vmid, profile=args.profile,
+            coalesce=args.coalesce, reset_queues=args.reset_queues, wait=args.wait,
+            stop=stop.is_set, say=_say, bar_fix=_bar_fix(args),
+            ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {args.device_type} (id "
+            f"{device.device_id}, {args.profile}); waiting for the driver's peer; Ctrl-C stops",
+        )  # fmt: skip
+    _say(f"stopped after {result.handled} messages; {result.stats}")
     return 0
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from ..backends.peers import resolve_remote_vmid
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _bar_fix(args: argparse.Namespace) -> str:
+    if args.server:
+        return f"restart the server {args.server} with -l 8K or more"
+    if args.fake:
+        return f"remove the fake fabric {args.fake} (a new one is made with 4M)"
+    return "give the ivshmem device a memory backend of 8K or more"
+
+
+def _serve_hint(args: argparse.Namespace) -> str:
+    if args.server:
+        return f"ivshmem-bus serve --server {args.server}"
+    if args.fake:
+        return f"ivshmem-bus serve --fake {args.fake}"
+    return "ivshmem-bus serve --device BDF on the other machine"
+
+
+@contextlib.contextmanager
+def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
+    """The driver role's bus, with the driver queue claimed for its duration."""
     from ..bus import VirtioMsgBus
+    from ..ownership import check_bar2, claimed, resolve_driver_remote
+
+    check_bar2(dev, _bar_fix(args))
+    remote = resolve_driver_remote(dev, args.remote_vmid, hint=_serve_hint(args))
+    with (
+        claimed(dev, "driver"),
+        VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
+    ):
+        yield bus
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
     from ..transport import VirtioMsgDriver
 
     with _backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
-        remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
+        with _driver_link(args, dev) as bus:
             d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
+            remote = bus.remote_vmid
     if args.json:
         print(json.dumps({"vmid": vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
     else:
@@ -204,36 +225,32 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    from ..backends.peers import resolve_remote_vmid
-    from ..bus import VirtioMsgBus
-
     stop = _stop_on_signals()
     times: list[float] = []
     sent = 0
-    with _backend(args) as dev:
-        remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
-            print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
-            for seq in range(1, args.count + 1):
-                if stop.is_set():
-                    break
-                # qemu-v0 has no PING: GET_DEVICE_STATUS is the cheapest round trip there
-                msg = (
-                    protocol.BusPing(data=seq)
-                    if args.profile == "spec-v1"
-                    else (protocol.GetDeviceStatus())
-                )
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    bus.request(msg, args.timeout)
-                except BusTimeout:
-                    print(f"no reply from vmid {remote}: seq={seq}", flush=True)
-                    continue
-                times.append((time.perf_counter() - t0) * 1e6)
-                print(f"reply from vmid {remote}: seq={seq} time={times[-1]:.1f} us", flush=True)
-                if seq < args.count:
-                    stop.wait(args.interval)
+    with _backend(args) as dev, _driver_link(args, dev) as bus:
+        remote = bus.remote_vmid
+        print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
+        for seq in range(1, args.count + 1):
+            if stop.is_set():
+                break
+            # qemu-v0 has no PING: GET_DEVICE_STATUS is the cheapest round trip there
+            msg = (
+                protocol.BusPing(data=seq)
+                if args.profile == "spec-v1"
+                else (protocol.GetDeviceStatus())
+            )
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                bus.request(msg, args.timeout)
+            except BusTimeout:
+                print(f"no reply from vmid {remote}: seq={seq}", flush=True)
+                continue
+            times.append((time.perf_counter() - t0) * 1e6)
+            print(f"reply from vmid {remote}: seq={seq} time={times[-1]:.1f} us", flush=True)
+            if seq < args.count:
+                stop.wait(args.interval)
     print(f"--- vmid {remote} ping statistics ---")
     loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
     print(f"{sent} requests sent, {len(times)} replies received, {loss:.0f}% loss")

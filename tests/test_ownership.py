@@ -1,0 +1,131 @@
+"""Issue 14, item 4: one queue pair per fabric. Each ivshmem_bus end claims the queue it
+produces on (BAR2 0x0004 driver, 0x1004 device: 0x0001_0000 | vmid); a second device or
+driver refuses, naming the owner; a dead owner's claim expires; QEMU peers never claim and
+are never refused."""
+
+from __future__ import annotations
+
+import signal
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ivshmem_bus import ownership
+from ivshmem_bus.backends.server_client import ServerClientDevice
+from ivshmem_bus.errors import QueueClaimed
+from ivshmem_bus.server import IvshmemServer
+
+from .clitools import Background, run
+from .qemu_like import first_response
+
+
+def _word(dev: ServerClientDevice, offset: int) -> int:
+    return struct.unpack_from("<I", dev.shmem, offset)[0]
+
+
+@pytest.fixture
+def fabric(tmp_path):
+    with IvshmemServer(tmp_path / "s.sock", shm_size="64K", vectors=2) as server:
+        server.start()
+        yield tmp_path / "s.sock"
+
+
+def test_claim_words_bytes_and_release(fabric):
+    with ServerClientDevice(fabric, 2) as a, ServerClientDevice(fabric, 2) as b:
+        ownership.claim(a, "device")
+        ownership.claim(b, "driver")
+        assert _word(a, 0x1004) == 0x0001_0000 | a.vmid  # device queue, producer line + 4
+        assert _word(a, 0x0004) == 0x0001_0000 | b.vmid  # driver queue, producer line + 4
+        assert _word(a, 0x1044) == 0 and _word(a, 0x0044) == 0  # polling flags untouched
+        assert ownership.claim_of(b, "device") == a.vmid
+        ownership.release(b, "device")  # not b's claim: left alone
+        assert _word(a, 0x1004) == 0x0001_0000 | a.vmid
+        ownership.release(a, "device")
+        assert _word(a, 0x1004) == 0 and ownership.claim_of(b, "device") is None
+
+
+def test_a_second_device_is_refused_naming_the_owner(fabric):
+    with ServerClientDevice(fabric, 2) as first, ServerClientDevice(fabric, 2) as second:
+        ownership.claim(first, "device")
+        with pytest.raises(
+            QueueClaimed, match=rf"vmid {first.vmid} already serves a device .*0x1004"
+        ):
+            ownership.claim(second, "device")
+        assert ownership.claim_of(second, "device") == first.vmid  # nothing overwritten
+
+
+def test_a_dead_owners_claim_expires(fabric):
+    with ServerClientDevice(fabric, 2) as gone:
+        ownership.claim(gone, "driver")
+        dead = gone.vmid  # it leaves without releasing (as after SIGKILL)
+        gone.close()
+        with ServerClientDevice(fabric, 2) as new:
+            assert _word(new, 0x0004) == 0x0001_0000 | dead
+            ownership.claim(new, "driver")  # the server said `dead` left: no refusal
+            assert ownership.claim_of(new, "driver") == new.vmid
+
+
+@given(st.integers(0, 0xFFFFFFFF))
+def test_only_the_claim_pattern_reads_as_a_claim(value):
+    class Shm:
+        shmem = memoryview(bytearray(0x2000))
+
+    struct.pack_into("<I", Shm.shmem, 0x1004, value)
+    got = ownership.claim_of(Shm, "device")  # type: ignore[arg-type]
+    assert got == (value & 0xFFFF if value >> 16 == 1 else None)
+
+
+def test_second_serve_refuses_and_leaves_the_first_ones_queues(tmp_path):
+    sock = tmp_path / "s.sock"
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "2")
+    server.wait_for("ivshmem server on")
+    first = Background(tmp_path, "serve", "serve", "--server", str(sock), "--vectors", "2")
+    try:
+        first.wait_for("waiting for the driver's peer")
+        second = run("serve", "--server", str(sock), "--vectors", "2")
+        assert second.returncode == 1
+        err = second.stderr.strip().splitlines()
+        assert err == [
+            f"ivshmem-bus: error: ivshmem server {sock} (peer 1): vmid 0 already serves a device "
+            f"on this fabric (its claim at BAR2 0x1004); one fabric carries one device: stop "
+            f"vmid 0's ivshmem-bus serve, or use another fabric"
+        ]
+        ping = run("ping", "--server", str(sock), "--vectors", "2", "-c", "3", "-i", "0")
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # the QEMU-like driver never claims: still answered by the first serve
+        assert first_response(sock, 0) < 1.0
+    finally:
+        assert first.stop(signal.SIGINT) == 0
+        assert server.stop() == 0
+    log = first.out.read_text()
+    assert "malformed=0" in log  # the refused serve reset nothing
+    # the refused serve was peer 1, ping peer 2, the QEMU-like driver peer 3
+    assert "peers seen: 2; serving vmid 2 (it claims the driver queue)" in log
+    assert "vmid 2 left; peers seen: 3; serving vmid 3 (the only other peer)" in log
+
+
+def test_second_driver_refuses_while_one_drives(tmp_path):
+    sock = tmp_path / "s.sock"
+    server = Background(tmp_path, "server", "server", "-S", str(sock), "-l", "1M", "-n", "2")
+    server.wait_for("ivshmem server on")
+    serve = Background(tmp_path, "serve", "serve", "--server", str(sock), "--vectors", "2")
+    ping = None
+    try:
+        serve.wait_for("waiting for the driver's peer")
+        ping = Background(
+            tmp_path, "ping", "ping", "--server", str(sock), "--vectors", "2", "-c", "100"
+        )
+        ping.wait_for("reply from vmid 0: seq=1")
+        probe = run("probe", "--server", str(sock), "--vectors", "2", "--remote-vmid", "0")
+        assert probe.returncode == 1
+        assert "vmid 1 already drives the device on this fabric (its claim at BAR2 0x0004)" in (
+            probe.stderr
+        )
+        assert probe.stderr.count("\n") == 1
+    finally:
+        if ping is not None:
+            assert ping.stop(signal.SIGINT) == 0
+        assert serve.stop(signal.SIGINT) == 0
+        assert server.stop() == 0
