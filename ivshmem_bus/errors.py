@@ -22,6 +22,7 @@ __all__ = [
     "DriverError",
     "IvshmemBusError",
     "MemoryFileError",
+    "MonitorError",
     "PciError",
     "PoolExhausted",
     "ProtocolError",
@@ -108,6 +109,10 @@ class QueueClaimed(IvshmemBusError):
 
 class BarTooSmall(IvshmemBusError):
     """BAR2 cannot hold the bus's two 4 KiB queues (a failed operation, not bad usage)."""
+
+
+class MonitorError(IvshmemBusError):
+    """``monitor`` cannot tap the link: the shared memory or the pcap file (named, with the fix)."""
 
 
 class ServerClientError(IvshmemBusError):

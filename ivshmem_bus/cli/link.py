@@ -10,17 +10,15 @@ import argparse
 import contextlib
 import json
 import logging
-import mmap
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..core import protocol
-from ..errors import BusTimeout
+from ..errors import BusTimeout, MonitorError
+from . import signals
 
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
     from ..backends.base import IvshmemDevice
@@ -29,7 +27,7 @@ if TYPE_CHECKING:  # annotations only: the commands import their layers when the
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo, summarize
+    from ..demo import run_demo, summarize, summary
 
     result = run_demo(args.profile, args.round_trips)
     d = result.description
@@ -44,7 +42,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "device": d.as_dict(),
                     "negotiated_features": f"0x{result.features:x}",
                     "status": result.status,
-                    "round_trips_us": summarize(result.round_trips_us),
+                    "round_trips_us": summary(result.round_trips_us),
                 },
                 indent=2,
             )
@@ -76,18 +74,6 @@ def _print_description(vmid: int, d: DeviceDescription) -> None:
     print(f"  config:    {d.config_size} bytes")
     queues = ", ".join(f"{q.index} (max {q.max_size})" for q in d.queues) or "none"
     print(f"  queues:    {queues}")
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM, for loops that must stop cleanly."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
 
 
 def _backend(args: argparse.Namespace) -> IvshmemDevice:
@@ -126,7 +112,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     from ..server import IvshmemServer
 
     logging.getLogger("ivshmem_bus.server").setLevel(logging.INFO)
-    stop = _stop_on_signals()
     shm = shm_object_path(args.shm_name) if args.shm_name else args.shm  # QEMU's -M
     pid_file = PidFile(args.pid_file) if args.pid_file else contextlib.nullcontext()
     with IvshmemServer(
@@ -138,17 +123,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"memory, {server.vectors} vector(s), up to {server.max_peers} peers",
             flush=True,
         )
-        if args.idle_exit is None:
-            server.serve_forever(stop)
-        else:  # a fake fabric's server: gone once nobody has used it for a while
-            idle_since = time.monotonic()
-            while not stop.is_set():
-                server.serve_forever(stop, timeout=0.5)
-                if server.peer_ids:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= args.idle_exit:
-                    print(f"no peer for {args.idle_exit:g} s: exiting", flush=True)
-                    break
+        if server.serve_forever(signals.stop_event(), idle_exit=args.idle_exit):
+            print(f"no peer for {args.idle_exit:g} s: exiting", flush=True)
     print("ivshmem server stopped", flush=True)
     return 0
 
@@ -157,9 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving import realtime, serve_link
     from ..transport import status_names
 
-    stop = _stop_on_signals()
     _say(realtime(args.sched))
     with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
+        stop = signals.stop_event()  # from here on a signal ends the loop below cleanly
         device.on_status = lambda old, new: _say(
             f"driver status {status_names(old)} -> {status_names(new)}"
         )
@@ -225,10 +201,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    stop = _stop_on_signals()
     times: list[float] = []
     sent = 0
     with _backend(args) as dev, _driver_link(args, dev) as bus:
+        stop = signals.stop_event()
         remote = bus.remote_vmid
         print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
         for seq in range(1, args.count + 1):
@@ -261,41 +237,38 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from ..monitor import LinkTap, PcapWriter
+    from ..monitor import PcapWriter, open_pcap, tap_fd
 
-    stop = _stop_on_signals()
-    fd = -1
-    if args.shm:
-        fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
-    else:
-        from ..backends.fabric import fake_socket
-        from ..backends.server_client import fetch_shared_memory
-
-        if not args.server:
-            _default_to_fake(args)
-        fd = fetch_shared_memory(args.server or fake_socket(args.fake))
+    fd = _monitor_fd(args)
     try:
-        size = os.fstat(fd).st_size
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
-            tap = LinkTap(memoryview(mem), args.profile)
-            pcap_file = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115
-            try:
-                writer = PcapWriter(pcap_file) if pcap_file else None
-                shown = 0
-                end = None if args.duration is None else time.monotonic() + args.duration
-                while not stop.is_set() and (end is None or time.monotonic() < end):
-                    for seen in tap.poll():
-                        print(seen.describe(args.profile), flush=True)
-                        if writer:
-                            writer.write(seen, args.profile)
-                        shown += 1
-                        if args.count and shown >= args.count:
-                            return 0
-                    time.sleep(args.interval)
-            finally:
-                tap.release()
-                if pcap_file:
-                    pcap_file.close()
+        with tap_fd(fd, args.profile, args.shm or args.server or args.fake) as tap:
+            pcap = open_pcap(args.pcap) if args.pcap else None  # opened once the tap works
+            with pcap or contextlib.nullcontext():
+                writer = PcapWriter(pcap) if pcap else None
+                stop = signals.stop_event()
+                for seen in tap.follow(args.interval, args.duration, stop=stop.is_set,
+                                       count=args.count):  # fmt: skip
+                    print(seen.describe(args.profile), flush=True)
+                    if writer:
+                        writer.write(seen, args.profile)
     finally:
         os.close(fd)
     return 0
+
+
+def _monitor_fd(args: argparse.Namespace) -> int:
+    """The shared memory to tap: the -m file, or BAR2 fetched from a server (then hung up)."""
+    if args.shm:
+        try:
+            return os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MonitorError(
+                f"cannot open the shared-memory file {args.shm}: {exc.strerror}: give the "
+                f"server's -m file"
+            ) from exc
+    from ..backends.fabric import fake_socket
+    from ..backends.server_client import fetch_shared_memory
+
+    if not args.server:
+        _default_to_fake(args)
+    return fetch_shared_memory(args.server or fake_socket(args.fake))
