@@ -65,7 +65,7 @@ from pathlib import Path
 __all__ = ["CASES", "DEFAULT_JSON", "DESCRIPTION", "SCHEMA", "add_arguments", "cmd_bench", "main"]
 
 SCHEMA = "ivshmem-bus-bench/1"
-CASES = ("raw", "encoded", "rtt", "flood", "doorbell")
+CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "startup")
 DEFAULT_JSON = "bench-results.json"
 DESCRIPTION = __doc__.splitlines()[0]
 

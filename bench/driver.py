@@ -25,6 +25,7 @@ from .doorbell import case_doorbell
 from .harness import BUSY_WARN, Config, cpu_busy
 from .report import machine_info, ratios, targets
 from .roundtrip import case_flood, case_rtt
+from .startup import case_startup
 from .table import print_table
 from .throughput import case_encoded, case_raw
 
@@ -36,6 +37,7 @@ CASE_FUNCS: dict[str, Callable[[Config], list[dict[str, Any]]]] = {
     "rtt": case_rtt,
     "flood": case_flood,
     "doorbell": case_doorbell,
+    "startup": case_startup,
 }
 
 
