@@ -26,7 +26,8 @@ __all__ = ["c_floor_note", "cpu_model", "machine_info", "ratios", "targets"]
 
 NOTE = (
     "2 cores, 2 processes: a busy-polling case keeps both cores busy (producer and consumer, "
-    "or driver and device); nothing is pinned"
+    "or driver and device); pinned only where a row says so (same core, two cores; the CPU "
+    "hog rows put the device on CPU 1)"
 )
 
 
