@@ -67,7 +67,7 @@ def rtt_python_run(
             b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin, coalesce=coalesce
         ) as proc:
             b.close()
-            if child_cpu is not None:
+            if child_cpu is not None and proc.pid is not None:
                 pin(proc.pid, child_cpu)  # before the warm-up
             with VirtioMsgBus(a, "driver", peer, PROFILE, spin=spin, coalesce=coalesce) as bus:
                 request, msg = bus.request, p.GetDeviceStatus()
@@ -179,17 +179,26 @@ def case_rtt(cfg: Config) -> list[dict[str, Any]]:
 def _pinned_eventfd_pairs(cfg: Config, n: int, nc: int) -> list[dict[str, Any]]:
     """The eventfd pair, C and Python, with both processes placed alike (placement.py)."""
     out = []
+    binary = cfg.binary
     for name in placements():
         slug = name.replace(" ", "-")
         with placed(name) as second:
-            if cfg.binary is not None:
-                runs = cfg.repeat(lambda: c_pingpong_run(cfg.binary, "efd", nc)[0])
+            if binary is not None:
+
+                def c_run(b: Path = binary) -> dict[str, float]:
+                    return c_pingpong_run(b, "efd", nc)[0]
+
+                runs = cfg.repeat(c_run)
                 out.append(record(
                     f"rtt.c.eventfd.{slug}", "rtt", f"C eventfd ping-pong, {name}", "c",
                     {"count": nc, "mode": "eventfd", "placement": name},
                     combine(runs, LATENCY_UNITS),
                 ))  # fmt: skip
-            runs = cfg.repeat(lambda second=second: rtt_python_run(0.0, n, child_cpu=second))
+
+            def python_run(cpu: int = second) -> dict[str, float]:
+                return rtt_python_run(0.0, n, child_cpu=cpu)
+
+            runs = cfg.repeat(python_run)
             out.append(record(
                 f"rtt.python.eventfd.{slug}", "rtt", f"Python request, eventfd wake, {name}",
                 "python", {"count": n, "mode": "eventfd", "spin_s": 0.0, "placement": name,
@@ -224,7 +233,7 @@ def flood_run(
         reset_queues_of(a)
         with served_device(b, a.vmid, PROFILE, make=RngDevice, others=(a,), spin=spin) as proc:
             b.close()
-            if device_sched is not None:
+            if device_sched is not None and proc.pid is not None:
                 pin(proc.pid, 1)
                 os.setpriority(os.PRIO_PROCESS, proc.pid, 0)  # not the driver's nice -20
                 if device_sched == "fifo" and not fifo(proc.pid):
@@ -287,8 +296,12 @@ def _loaded_flood(cfg: Config, n: int) -> list[dict[str, Any]]:
     for sched, label in LOADED.items():
         if sched == "fifo" and not fifo_permitted():
             continue  # said by the missing row; serve --sched auto says it too
+
+        def loaded_run(sched: str = sched) -> dict[str, float]:
+            return flood_run(0.0, 1, n, sched)
+
         with placed("two cores"), CpuHogs() as hogs, _nice(-20):
-            runs = cfg.repeat(lambda sched=sched: flood_run(0.0, 1, n, sched), loaded=True)
+            runs = cfg.repeat(loaded_run, loaded=True)
         out.append(record(
             f"flood.eventfd.w1.load-{sched}", "flood",
             f"1 in flight, eventfd, CPU hog per core, {label}", "python",
