@@ -12,12 +12,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..core import protocol
-from ..errors import BusTimeout, MonitorError
+from ..errors import MonitorError
 from . import signals
 
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
@@ -201,39 +199,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    times: list[float] = []
-    sent = 0
+    from ..ping import ping
+
     with _backend(args) as dev, _driver_link(args, dev) as bus:
         stop = signals.stop_event()
-        remote = bus.remote_vmid
-        print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
-        for seq in range(1, args.count + 1):
-            if stop.is_set():
-                break
-            # qemu-v0 has no PING: GET_DEVICE_STATUS is the cheapest round trip there
-            msg = (
-                protocol.BusPing(data=seq)
-                if args.profile == "spec-v1"
-                else (protocol.GetDeviceStatus())
-            )
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                bus.request(msg, args.timeout)
-            except BusTimeout:
-                print(f"no reply from vmid {remote}: seq={seq}", flush=True)
-                continue
-            times.append((time.perf_counter() - t0) * 1e6)
-            print(f"reply from vmid {remote}: seq={seq} time={times[-1]:.1f} us", flush=True)
-            if seq < args.count:
-                stop.wait(args.interval)
-    print(f"--- vmid {remote} ping statistics ---")
-    loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
-    print(f"{sent} requests sent, {len(times)} replies received, {loss:.0f}% loss")
-    if times:
-        avg = sum(times) / len(times)
-        print(f"round trip min/avg/max = {min(times):.1f}/{avg:.1f}/{max(times):.1f} us")
-    return 0 if times and len(times) == sent else 1
+        print(f"PING vmid {bus.remote_vmid} from vmid {dev.vmid} over {dev.name} ({args.profile})")
+        result = ping(bus, args.count, args.interval, args.timeout, stop, _say)
+    print("\n".join(result.summary()))
+    return 0 if result.ok else 1
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
