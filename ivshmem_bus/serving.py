@@ -23,6 +23,7 @@ from collections.abc import Callable
 from . import ownership
 from .backends.base import IvshmemDevice
 from .bus import BusStats, Handler, VirtioMsgBus
+from .core import protocol
 from .core.protocol import Message
 from .errors import RemoteVmidError
 
@@ -81,6 +82,8 @@ def serve_link(
                 now = choice.choose()  # the driver that sent it exists now
                 if now is not None:
                     bus.remote_vmid = now
+                if isinstance(msg, protocol.BusPing):  # a bus message: the bus end answers
+                    return protocol.BusPingResponse(data=msg.data)  # type: ignore[call-arg]
                 return handler(msg)
 
             malformed, next_check = 0, 0.0

@@ -188,3 +188,12 @@ def test_serve_and_ping_with_coalesce_skip_doorbells_and_lose_nothing(tmp_path):
     rung = int(stats.split("doorbells_rung=", 1)[1].split(",", 1)[0])
     assert rung + suppressed == 200  # one response each: rung, or not needed
     assert suppressed > 0  # the driver polled for its response
+
+
+def test_spec_v1_ping_gets_bus_ping_replies(tmp_path):
+    """PING is a bus message (spec-v1 section 5.3): serve's bus end answers it."""
+    with running_fabric(tmp_path, 2, "--profile", "spec-v1") as (sock, _, _):
+        out = run("ping", "--server", str(sock), "--vectors", "2", "--profile", "spec-v1",
+                  "-c", "2", "-i", "0")  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "2 requests sent, 2 replies received, 0% loss" in out.stdout
