@@ -209,3 +209,12 @@ def test_small_things(tmp_path):
     out = run("server", "-S", str(sock), "--idle-exit", "0.2", "-p", str(pid))
     assert out.returncode == 0 and "no peer for 0.2 s: exiting" in out.stdout
     assert not pid.exists() and not sock.exists()
+
+
+def test_serve_wait_gives_up_when_no_driver_joins(server):
+    out = run("serve", "--server", str(server), "--vectors", "2", "--wait", "0.5")
+    assert out.returncode == 1
+    assert one_error(out).endswith(
+        "no driver's peer joined within 0.5 s (--wait): start the driver on the same fabric, "
+        "or wait longer"
+    )

@@ -129,3 +129,43 @@ def test_second_driver_refuses_while_one_drives(tmp_path):
             assert ping.stop(signal.SIGINT) == 0
         assert serve.stop(signal.SIGINT) == 0
         assert server.stop() == 0
+
+
+def test_two_devices_started_at_once_the_later_claim_wins(fabric):
+    """Both found the word free; the one whose claim was overwritten learns it (serve checks
+    every 0.5 s) and stops instead of sharing the driver queue."""
+    with ServerClientDevice(fabric, 2) as a, ServerClientDevice(fabric, 2) as b:
+        ownership.claim(a, "device")
+        struct.pack_into("<I", b.shmem, 0x1004, 0x0001_0000 | b.vmid)  # b's racing store
+        with pytest.raises(QueueClaimed, match=f"vmid {b.vmid} already serves"):
+            ownership.PeerChoice(a, None).check_claim("device")
+        ownership.PeerChoice(b, None).check_claim("device")  # b keeps it
+        struct.pack_into("<I", b.shmem, 0x1004, 0)  # a QEMU peer's reset-queues
+        ownership.PeerChoice(b, None).check_claim("device")
+        assert _word(b, 0x1004) == 0x0001_0000 | b.vmid  # re-asserted
+
+
+def test_without_a_peer_list_a_foreign_claim_is_taken_over_and_logged(caplog, monkeypatch):
+    from ivshmem_bus.backends.fake import fake_pair
+
+    a, b = fake_pair(shm_size=16384, vmids=(3, 4))
+    try:
+        monkeypatch.setattr(b, "peers", lambda: None)  # as VFIO: no list of the fabric's peers
+        ownership.claim(a, "device")
+        with caplog.at_level("WARNING"):
+            ownership.claim(b, "device")
+        assert ownership.claim_of(a, "device") == 4
+        assert "names vmid 3 as its device" in caplog.text
+    finally:
+        a.close()
+        b.close()
+
+
+def test_auto_driver_prefers_the_peer_that_claims_the_device_queue(fabric):
+    with ServerClientDevice(fabric, 2) as device, ServerClientDevice(fabric, 2) as monitor, \
+            ServerClientDevice(fabric, 2) as driver:  # fmt: skip
+        with pytest.raises(Exception, match=r"several peers \(0, 1\)"):
+            ownership.resolve_driver_remote(driver, "auto")
+        ownership.claim(device, "device")
+        assert ownership.resolve_driver_remote(driver, "auto") == device.vmid
+        assert monitor.vmid not in (device.vmid,)
