@@ -69,13 +69,18 @@ def serve_link(
         RemoteVmidError: no other peer within ``wait`` seconds.
     """
     ownership.check_bar2(dev, bar_fix)
+    if remote == "auto" and dev.peers() is None:
+        raise RemoteVmidError(
+            f"{dev.name} cannot list peers: give --remote-vmid N; run 'ivshmem-bus vmid' on "
+            f"the other machine to get N"
+        )
     later: list[str] = []  # said while a driver waits for its answer: printed after it
     choice = ownership.PeerChoice(dev, None if remote == "auto" else int(remote, 0), later.append)
     ownership.claim(dev, "device")  # refuses before the reset below can wipe anything
-    if reset_queues:
-        ownership.reset_queues_keeping_claims(dev)  # before any peer can have sent us anything
     start = time.monotonic()
     try:
+        if reset_queues:
+            ownership.reset_queues_keeping_claims(dev)  # before any peer can have sent anything
         with VirtioMsgBus(dev, "device", choice.choose() or 0, profile, coalesce=coalesce) as bus:
 
             def answer(msg: Message) -> Message | None:
@@ -99,7 +104,7 @@ def serve_link(
                 if now >= next_check:
                     next_check = now + CLAIM_CHECK_SECONDS
                     choice.check_claim("device")
-                    if choice.choose() is None and now - start >= wait:
+                    if choice.fixed is None and now - start >= wait and dev.peers() == set():
                         raise RemoteVmidError(
                             f"{dev.name}: no driver's peer joined within {wait:g} s "
                             f"(--wait): start the driver on the same fabric, or wait longer"

@@ -169,3 +169,19 @@ def test_auto_driver_prefers_the_peer_that_claims_the_device_queue(fabric):
         ownership.claim(device, "device")
         assert ownership.resolve_driver_remote(driver, "auto") == device.vmid
         assert monitor.vmid not in (device.vmid,)
+
+
+def test_serve_auto_needs_a_peer_list(monkeypatch):
+    from ivshmem_bus.backends.fake import fake_pair
+    from ivshmem_bus.errors import RemoteVmidError
+    from ivshmem_bus.serving import serve_link
+
+    a, b = fake_pair(shm_size=16384)
+    try:
+        monkeypatch.setattr(a, "peers", lambda: None)  # as VFIO
+        with pytest.raises(RemoteVmidError, match="cannot list peers: give --remote-vmid N"):
+            serve_link(a, lambda m: None, remote="auto")
+        assert ownership.claim_of(a, "device") is None  # refused before claiming anything
+    finally:
+        a.close()
+        b.close()
