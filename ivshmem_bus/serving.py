@@ -51,6 +51,7 @@ def serve_link(
     say: Callable[[str], None] = print,
     bar_fix: str = "",
     ready: str = "",
+    sched: str = "normal",
 ) -> ServeResult:
     """Answer the driver's requests with ``handler`` until ``stop()`` (looked at every 10 ms).
 
@@ -62,6 +63,9 @@ def serve_link(
         say: gets the lines a user reads (the driver chosen, malformed input).
         bar_fix: what to tell the user when BAR2 is too small.
         ready: said once the device end can answer (before any driver needs to be there).
+        sched: ``realtime``'s policy, taken only now, once everything is imported and set up:
+            a real-time process that is still starting (imports take seconds in an emulated
+            one-CPU guest) would starve every other process of that CPU.
 
     Raises:
         QueueClaimed: another live peer serves on this fabric.
@@ -111,6 +115,7 @@ def serve_link(
                         )
                 return stop()
 
+            say(realtime(sched))
             if ready:
                 say(ready)
             handled = bus.serve(answer, stop=stopping)

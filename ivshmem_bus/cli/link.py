@@ -128,10 +128,9 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..serving import realtime, serve_link
+    from ..serving import serve_link
     from ..transport import status_names
 
-    _say(realtime(args.sched))
     with _backend(args) as dev, args.served_device(args, dev) as device:  # cli.data's
         stop = signals.stop_event()  # from here on a signal ends the loop below cleanly
         device.on_status = lambda old, new: _say(
@@ -140,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         result = serve_link(
             dev, device.handle, remote=args.remote_vmid, profile=args.profile,
             coalesce=args.coalesce, reset_queues=args.reset_queues, wait=args.wait,
-            stop=stop.is_set, say=_say, bar_fix=_bar_fix(args),
+            stop=stop.is_set, say=_say, bar_fix=_bar_fix(args), sched=args.sched,
             ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {args.device_type} (id "
             f"{device.device_id}, {args.profile}); waiting for the driver's peer; Ctrl-C stops",
         )  # fmt: skip
