@@ -19,13 +19,17 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import ownership
 from .backends.base import IvshmemDevice
-from .bus import BusStats, Handler, VirtioMsgBus
+from .bus import BusStats, VirtioMsgBus
 from .core import protocol
 from .core.protocol import Message
 from .errors import RemoteVmidError
+
+if TYPE_CHECKING:
+    from .devices.base import VirtioMsgDevice as Served
 
 __all__ = ["ServeResult", "realtime", "serve_link"]
 
@@ -40,7 +44,7 @@ class ServeResult:
 
 def serve_link(
     dev: IvshmemDevice,
-    handler: Handler,
+    device: Served,
     *,
     remote: str = "auto",
     profile: str = "qemu-v0",
@@ -53,7 +57,8 @@ def serve_link(
     ready: str = "",
     sched: str = "normal",
 ) -> ServeResult:
-    """Answer the driver's requests with ``handler`` until ``stop()`` (looked at every 10 ms).
+    """Serve ``device`` (a ``devices`` device: ``device.serve`` answers the requests and runs
+    its queues) to the driver until ``stop()`` (looked at every 10 ms).
 
     Args:
         remote: ``auto`` (see the module doc) or the driver's vmid.
@@ -87,13 +92,13 @@ def serve_link(
             ownership.reset_queues_keeping_claims(dev)  # before any peer can have sent anything
         with VirtioMsgBus(dev, "device", choice.choose() or 0, profile, coalesce=coalesce) as bus:
 
-            def answer(msg: Message) -> Message | None:
+            def follow(msg: Message) -> None:
                 now = choice.choose()  # the driver that sent it exists now
                 if now is not None:
                     bus.remote_vmid = now
                 if isinstance(msg, protocol.BusPing):  # a bus message: the bus end answers
-                    return protocol.BusPingResponse(data=msg.data)  # type: ignore[call-arg]
-                return handler(msg)
+                    reply = protocol.BusPingResponse(data=msg.data)  # type: ignore[call-arg]
+                    bus.send(dataclasses.replace(reply, token=msg.token, dev_num=msg.dev_num))
 
             malformed, next_check = 0, 0.0
 
@@ -118,7 +123,7 @@ def serve_link(
             say(realtime(sched))
             if ready:
                 say(ready)
-            handled = bus.serve(answer, stop=stopping)
+            handled = device.serve(bus, stop=stopping, on_message=follow)
             return ServeResult(handled, bus.stats)
     finally:
         ownership.release(dev, "device")

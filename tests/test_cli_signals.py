@@ -32,7 +32,8 @@ def silent(tmp_path: Path):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
         sock.listen(8)
-        yield path
+        sock.settimeout(30)
+        yield path, sock
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -46,11 +47,14 @@ def test_serve_waiting_for_its_driver_stops_and_exits_0(tmp_path, server, sig):
 
 @pytest.mark.parametrize("command", ["probe", "serve", "ping", "monitor"])
 def test_a_command_waiting_for_a_silent_servers_greeting_stops(tmp_path, silent, command):
-    proc = Background(tmp_path, command, command, "--server", str(silent))
-    time.sleep(1.0)  # connected, waiting for the greeting (5 s before it gives up)
+    path, sock = silent
+    proc = Background(tmp_path, command, command, "--server", str(path))
+    conn, _ = sock.accept()  # it connected: waiting for the greeting (5 s before it gives up)
+    time.sleep(0.3)
     assert proc.proc.poll() is None
     assert proc.stop(signal.SIGTERM) == 128 + signal.SIGTERM
     assert proc.out.read_text().splitlines()[-1] == "ivshmem-bus: stopped by SIGTERM"
+    conn.close()
 
 
 def test_server_stops_and_leaves_no_socket_or_pid_file(tmp_path):

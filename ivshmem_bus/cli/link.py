@@ -137,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"driver status {status_names(old)} -> {status_names(new)}"
         )
         result = serve_link(
-            dev, device.handle, remote=args.remote_vmid, profile=args.profile,
+            dev, device, remote=args.remote_vmid, profile=args.profile,
             coalesce=args.coalesce, reset_queues=args.reset_queues, wait=args.wait,
             stop=stop.is_set, say=_say, bar_fix=_bar_fix(args), sched=args.sched,
             ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {args.device_type} (id "

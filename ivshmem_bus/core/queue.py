@@ -682,4 +682,3 @@ class SpscQueue:
 
     def __repr__(self) -> str:
         return f"SpscQueue(capacity={self._capacity}, head={self._head}, tail={self._tail})"
-
