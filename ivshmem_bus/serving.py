@@ -97,7 +97,7 @@ def serve_link(
                 if now is not None:
                     bus.remote_vmid = now
                 if isinstance(msg, protocol.BusPing):  # a bus message: the bus end answers
-                    reply = protocol.BusPingResponse(data=msg.data)  # type: ignore[call-arg]
+                    reply = protocol.BusPingResponse(data=msg.data)
                     bus.send(dataclasses.replace(reply, token=msg.token, dev_num=msg.dev_num))
 
             malformed, next_check = 0, 0.0
