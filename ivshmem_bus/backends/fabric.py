@@ -52,7 +52,7 @@ def fake_socket(directory: str) -> str:
     _make_private_dir(directory)
     sock = os.path.join(directory, "ivshmem.sock")
     pid_path = os.path.join(directory, "server.pid")
-    if _live_pid(pid_path) is None:
+    if _live_pid(pid_path) is None and not listening(sock):  # (a server started by hand)
         log_path = os.path.join(directory, "server.log")
         try:
             log_file = open(log_path, "ab")  # noqa: SIM115 (closed right below)

@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             coalesce=args.coalesce, reset_queues=args.reset_queues, wait=args.wait,
             stop=stop.is_set, say=_say, bar_fix=_bar_fix(args), sched=args.sched,
             ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {args.device_type} (id "
-            f"{device.device_id}, {args.profile}); waiting for the driver's peer; Ctrl-C stops",
+            f"{device.device_id}) ({args.profile}); waiting for the driver's peer; Ctrl-C stops",
         )  # fmt: skip
     _say(f"stopped after {result.handled} messages; {result.stats}")
     return 0
