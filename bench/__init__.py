@@ -65,13 +65,14 @@ offer ``bench`` without importing the benchmark.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 __all__ = ["CASES", "DEFAULT_JSON", "DESCRIPTION", "SCHEMA", "add_arguments", "cmd_bench", "main"]
 
 SCHEMA = "ivshmem-bus-bench/1"
-CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "vq")
+CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup")
 DEFAULT_JSON = "bench-results.json"
 DESCRIPTION = __doc__.splitlines()[0]
 
@@ -94,6 +95,28 @@ def _runs(text: str) -> int:
     return value
 
 
+def _scale(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive factor (e.g. 0.01 or 2)")
+    return value
+
+
+def _json_out(text: str) -> str:
+    """argparse type of ``--json``: a file whose directory exists and is writable, checked
+    before the run (a long run must not end in a write that fails and loses the results)."""
+    if text == "-":
+        return text
+    folder = Path(text).resolve().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text}: the directory {folder} does not exist: create it or give another path"
+        )
+    if not os.access(folder, os.W_OK) or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: give a writable file path")
+    return text
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The benchmark's options, on its own parser and on ``ivshmem-bus bench`` alike."""
     ap.add_argument(
@@ -104,13 +127,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--json",
         metavar="OUT",
+        type=_json_out,
         default=DEFAULT_JSON,
         help=f"write the results here (default {DEFAULT_JSON}; '-' for stdout)",
     )
     ap.add_argument("--runs", type=_runs, help="runs per figure (default 5, --quick 3)")
     ap.add_argument(
         "--scale",
-        type=float,
+        type=_scale,
         default=1.0,
         help="multiply every count by this (tests use a tiny one)",
     )

@@ -21,6 +21,7 @@ __all__ = ["C_SOURCE", "build_reference", "default_cache_dir"]
 C_SOURCE = r"""/* bench_ref.c: the C reference of bench, which builds it. */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -146,7 +147,16 @@ static void xfer(int fd, void *buf, size_t n, int out) {
 static pid_t fork_child(void) {
     pid_t pid = fork();
     if (pid < 0) die("fork");
-    if (pid == 0) prctl(PR_SET_PDEATHSIG, SIGKILL);  /* never outlive the benchmark */
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);  /* never outlive the benchmark */
+        const char *cpu = getenv("BENCH_CHILD_CPU");  /* bench/placement.py */
+        if (cpu) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(atoi(cpu), &set);
+            if (sched_setaffinity(0, sizeof set, &set) != 0) die("sched_setaffinity");
+        }
+    }
     return pid;
 }
 

@@ -25,6 +25,7 @@ from .doorbell import case_doorbell
 from .harness import BUSY_WARN, Config, cpu_busy
 from .report import machine_info, ratios, targets
 from .roundtrip import case_flood, case_rtt
+from .startup import case_startup
 from .table import print_table
 from .throughput import case_encoded, case_raw
 from .virtqueue import case_vq
@@ -38,6 +39,7 @@ CASE_FUNCS: dict[str, Callable[[Config], list[dict[str, Any]]]] = {
     "flood": case_flood,
     "doorbell": case_doorbell,
     "vq": case_vq,
+    "startup": case_startup,
 }
 
 

@@ -52,6 +52,7 @@ COUNTS: dict[str, int] = {
     "vq.memcpy": 200_000,  # 64 KiB copies; smaller buffers copy the same bytes
     "vq.latency": 200_000,
     "vq.soak": 1_000_000,
+    "startup": 200,
 }
 BUSY_WARN = 0.15  # other processes using more of the CPUs than this before the run: warn
 MIN_COUNT = 64  # percentiles need samples, even at --scale 0.0001
@@ -356,10 +357,10 @@ class Config:
     def count(self, key: str) -> int:
         return max(MIN_COUNT, int(COUNTS[key] * self.scale))
 
-    def repeat(self, fn: Callable[[], Any]) -> list[Any]:
+    def repeat(self, fn: Callable[[], Any], loaded: bool = False) -> list[Any]:
         """``runs`` results of ``fn()``. With ``wait_quiet``, each run first waits for a quiet
         machine, and a run that other processes disturbed is done again (up to ``runs`` more
-        times in all)."""
+        times in all). ``loaded``: the run brings its own load (CPU hogs), never retried."""
         out: list[Any] = []
         retries = 0
         while len(out) < self.runs:
@@ -368,7 +369,7 @@ class Config:
             meter = ForeignCpu()
             value = fn()
             foreign = meter.fraction()
-            disturbed = foreign is not None and foreign > BUSY_WARN
+            disturbed = not loaded and foreign is not None and foreign > BUSY_WARN
             if disturbed and self.wait_quiet and retries < self.runs:
                 retries += 1
                 self.retried += 1

@@ -26,7 +26,8 @@ __all__ = ["c_floor_note", "cpu_model", "machine_info", "ratios", "targets"]
 
 NOTE = (
     "2 cores, 2 processes: a busy-polling case keeps both cores busy (producer and consumer, "
-    "or driver and device); nothing is pinned"
+    "or driver and device); pinned only where a row says so (same core, two cores; the CPU "
+    "hog rows put the device on CPU 1)"
 )
 
 
@@ -101,6 +102,11 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     py = _median(results, "rtt.python.eventfd", "p50_us")
     if c and py is not None:
         out["rtt.eventfd.p50/c"] = py / c
+    for slug in ("same-core", "two-cores"):  # both processes of each pair placed alike
+        c = _median(results, f"rtt.c.eventfd.{slug}", "p50_us")
+        py = _median(results, f"rtt.python.eventfd.{slug}", "p50_us")
+        if c and py is not None:
+            out[f"rtt.eventfd.{slug}.p50/c"] = py / c
     c = _median(results, "rtt.c.spin", "p50_us")
     py = _median(results, "rtt.python.busy-poll", "p50_us")
     if c and py is not None:
@@ -172,6 +178,14 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
         lambda v: v <= 2.0,
         "ratio",
     )
+    for slug in ("same-core", "two-cores"):
+        add(
+            f"round trip p50, eventfd, {slug.replace('-', ' ')}, vs C placed alike",
+            "<= 2x",
+            rat.get(f"rtt.eventfd.{slug}.p50/c"),
+            lambda v: v <= 2.0,
+            "ratio",
+        )
     add(
         "round trip p50, busy-poll",
         "<= 10 us",
@@ -196,6 +210,22 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
             "us",
         )
     _vq_targets(results, rat, add)
+    for sched in ("fifo", "normal"):
+        add(
+            f"serve loop p99.9, 1 in flight, CPU hog per core, device {sched}",
+            "<= 1000 us (QEMU)",
+            _median(results, f"flood.eventfd.w1.load-{sched}", "p99_9_us"),
+            lambda v: v <= 1000.0,
+            "us",
+        )
+    for suffix in ("auto", "auto-load"):
+        add(
+            f"first response to a new driver, max, {suffix.replace('-load', ', CPU hogs')}",
+            "<= 1000 us (QEMU)",
+            _median(results, f"startup.{suffix}", "max_us"),
+            lambda v: v <= 1000.0,
+            "us",
+        )
     growth = [
         (
             rec["metrics"]["rss_growth_kib"]["max"],

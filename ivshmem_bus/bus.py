@@ -360,7 +360,7 @@ class VirtioMsgBus:
         self.stats.timeouts += 1
         return BusTimeout(
             f"no response to {type(request).__name__} from vmid {self.remote_vmid} on "
-            f"{self.device.name} within {timeout} s (is the peer serving?)"
+            f"{self.device.name} within {timeout} s: is the peer serving, with {self.profile}?"
         )
 
     def request(self, msg: Message, timeout: float = 1.0) -> Message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import statistics
 import time
@@ -22,7 +23,7 @@ from .bus import VirtioMsgBus, reset_queues_of
 from .core import protocol as p
 from .transport import DeviceDescription, RngDevice, VirtioMsgDevice, VirtioMsgDriver
 
-__all__ = ["DemoResult", "run_demo", "served_device"]
+__all__ = ["DemoResult", "run_demo", "served_device", "summarize", "summary"]
 
 
 @dataclass
@@ -45,9 +46,15 @@ def _serve_child(
     spin: float,
     coalesce: bool = False,
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent decides when we stop
+        signal.signal(sig, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def stopping() -> bool:  # or the parent is gone (SIGKILLed): never left serving alone
+        return stop.is_set() or os.getppid() != parent
+
     with VirtioMsgBus(device, "device", peer_vmid, profile, spin=spin, coalesce=coalesce) as bus:
-        make().serve(bus, stop=stop.is_set)
+        make().serve(bus, stop=stopping)
 
 
 @contextlib.contextmanager
@@ -110,9 +117,24 @@ def run_demo(profile: str = "qemu-v0", round_trips: int = 1000) -> DemoResult:
         dev_dev.close()
 
 
+def summary(times_us: list[float]) -> dict[str, float | int | None]:
+    """The round trips as numbers (``demo --json``): count, p50, p99, max in microseconds."""
+    if not times_us:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    q = _percentiles(times_us)
+    return {"count": len(times_us), "p50": q[49], "p99": q[98], "max": max(times_us)}
+
+
 def summarize(times_us: list[float]) -> str:
     """``"p50 12.3 us, p99 45.6 us, max 78.9 us"`` for a list of round-trip times."""
     if not times_us:
         return "no round trips"
-    q = statistics.quantiles(times_us, n=100, method="inclusive")
+    q = _percentiles(times_us)
     return f"p50 {q[49]:.1f} us, p99 {q[98]:.1f} us, max {max(times_us):.1f} us"
+
+
+def _percentiles(times_us: list[float]) -> list[float]:
+    """The 99 cut points (one round trip: it is every percentile)."""
+    if len(times_us) < 2:
+        return times_us * 99
+    return statistics.quantiles(times_us, n=100, method="inclusive")

@@ -14,6 +14,7 @@ import errno as _errno
 import os
 
 __all__ = [
+    "BarTooSmall",
     "BusClosed",
     "BusError",
     "BusTimeout",
@@ -21,9 +22,11 @@ __all__ = [
     "DriverError",
     "IvshmemBusError",
     "MemoryFileError",
+    "MonitorError",
     "PciError",
     "PoolExhausted",
     "ProtocolError",
+    "QueueClaimed",
     "QueueCorrupt",
     "QueueFull",
     "RemoteVmidError",
@@ -102,6 +105,19 @@ class RemoteVmidError(IvshmemBusError):
 class DeviceVmidError(IvshmemBusError):
     """The device side is not VMID 0, which the Linux virtio-msg driver hard-codes as the
     device (``serve --profile linux-v0``)."""
+
+
+class QueueClaimed(IvshmemBusError):
+    """Another live peer already produces on the queue this end would (``ownership``): one
+    fabric carries one driver and one device. The message names that peer."""
+
+
+class BarTooSmall(IvshmemBusError):
+    """BAR2 cannot hold the bus's two 4 KiB queues (a failed operation, not bad usage)."""
+
+
+class MonitorError(IvshmemBusError):
+    """``monitor`` cannot tap the link: the shared memory or the pcap file (named, with the fix)."""
 
 
 class ServerClientError(IvshmemBusError):

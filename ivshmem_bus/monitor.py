@@ -17,18 +17,21 @@ then the message bytes up to its msg_size. tools/virtio-msg.lua decodes it in Wi
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from .bus import DEVICE_QUEUE_OFFSET, DRIVER_QUEUE_OFFSET, QUEUE_SIZE
 from .core import protocol
 from .core.queue import HEAD_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, TAIL_OFFSET, queue_capacity
-from .errors import ProtocolError, QueueCorrupt
+from .errors import MonitorError, ProtocolError, QueueCorrupt
 
-__all__ = ["LINKTYPE_USER0", "LinkTap", "PcapWriter", "QueueTap", "Seen"]
+__all__ = ["LINKTYPE_USER0", "LinkTap", "PcapWriter", "QueueTap", "Seen", "open_pcap", "tap_fd"]
 
 LINKTYPE_USER0 = 147
 DIRECTIONS = ("driver->device", "device->driver")
@@ -123,13 +126,26 @@ def _show(value: object) -> str:
 
 
 class LinkTap:
-    """Both queues of a link's BAR2, observed read-only."""
+    """Both queues of a link's BAR2, observed read-only.
+
+    Raises:
+        ValueError: unknown profile.
+        MonitorError: the memory is smaller than the two queues (8 KiB).
+    """
 
     def __init__(self, shmem: memoryview | bytes, profile: str = "qemu-v0") -> None:
         if profile not in protocol.PROFILES:
             raise ValueError(f"unknown profile {profile!r}")
         view = memoryview(shmem).cast("B")
+        need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
+        if (size := len(view)) < need:
+            view.release()
+            raise MonitorError(
+                f"the shared memory is {size} bytes; a link needs "
+                f"{need} (two 4 KiB queues): is this the server's -m file?"
+            )
         self.profile = profile
+        self._view = view
         self.taps = (
             QueueTap(view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE]),
             QueueTap(view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE]),
@@ -146,16 +162,82 @@ class LinkTap:
                     out.append(Seen(now, direction, raw, None, exc.reason))
         return out
 
-    def follow(self, interval: float = 1e-4, duration: float | None = None) -> Iterator[Seen]:
-        """Poll every ``interval`` seconds, yielding what is seen, for ``duration`` seconds."""
+    def follow(
+        self,
+        interval: float = 1e-4,
+        duration: float | None = None,
+        *,
+        stop: Callable[[], bool] | None = None,
+        count: int = 0,
+    ) -> Iterator[Seen]:
+        """Poll every ``interval`` seconds, yielding what is seen, for ``duration`` seconds,
+        until ``stop()`` is true, or (``count`` > 0) after ``count`` messages."""
         end = None if duration is None else time.monotonic() + duration
-        while end is None or time.monotonic() < end:
-            yield from self.poll()
+        shown = 0
+        while (end is None or time.monotonic() < end) and not (stop and stop()):
+            for seen in self.poll():
+                yield seen
+                shown += 1
+                if count and shown >= count:
+                    return
             time.sleep(interval)
 
     def release(self) -> None:
         for tap in self.taps:
             tap.release()
+        self._view.release()
+
+    def __enter__(self) -> LinkTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def tap_fd(fd: int, profile: str = "qemu-v0", name: str = "") -> Iterator[LinkTap]:
+    """A ``LinkTap`` on a read-only mapping of the shared-memory ``fd`` (not closed here).
+
+    Every view is released before the mapping closes, on every path (an mmap with a view
+    left cannot close: ``BufferError``).
+
+    Raises:
+        MonitorError: ``fd`` cannot be mapped or is smaller than the two queues.
+    """
+    where = name or f"fd {fd}"
+    try:
+        size = os.fstat(fd).st_size
+        mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise MonitorError(
+            f"{where}: cannot map it as shared memory ({reason}): give the server's -m file, "
+            f"--server PATH or --fake DIR"
+        ) from exc
+    try:
+        view = memoryview(mem)
+        try:
+            try:
+                tap = LinkTap(view, profile)
+            except MonitorError as exc:
+                raise MonitorError(f"{where}: {exc}") from None
+            with tap:
+                yield tap
+        finally:
+            view.release()
+    finally:
+        mem.close()
+
+
+def open_pcap(path: str) -> BinaryIO:
+    """Open ``path`` for a pcap, or raise ``MonitorError`` naming it and the fix."""
+    try:
+        return open(path, "wb")
+    except OSError as exc:
+        raise MonitorError(
+            f"cannot write the pcap {path}: {exc.strerror}: give a file path in a directory "
+            f"that exists and is writable"
+        ) from exc
 
 
 class PcapWriter:

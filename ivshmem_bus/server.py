@@ -231,13 +231,21 @@ class IvshmemServer:
     # Methods
 
     def serve_forever(
-        self, stop_event: threading.Event | None = None, timeout: float | None = None
-    ) -> None:
-        """Accept clients and relay messages until ``stop_event`` is set or ``timeout`` passes.
+        self,
+        stop_event: threading.Event | None = None,
+        timeout: float | None = None,
+        *,
+        idle_exit: float | None = None,
+    ) -> bool:
+        """Accept clients and relay messages until ``stop_event`` is set, ``timeout`` passes,
+        or (with ``idle_exit``) no peer has been connected for ``idle_exit`` seconds.
 
         For SIGINT/SIGTERM, pass an event the signal handler sets (looked at every 0.1 s).
         Without one, Ctrl-C raises KeyboardInterrupt; ``close()`` still releases everything.
+        ``idle_exit`` is for a fake fabric's server: gone once nobody has used it for a while.
 
+        Returns:
+            True when it returned for ``idle_exit``, else False.
         Raises:
             RuntimeError: ``start()``'s thread is serving already.
             ServerError: the server is closed.
@@ -246,14 +254,22 @@ class IvshmemServer:
         if self._thread not in (None, threading.current_thread()):
             raise RuntimeError(f"ivshmem server on {self._path} is served by start()'s thread")
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle_since = time.monotonic()
         while stop_event is None or not stop_event.is_set():
-            wait = None if stop_event is None else _POLL_SECONDS
+            wait = None if stop_event is None and idle_exit is None else _POLL_SECONDS
+            now = time.monotonic()
+            if idle_exit is not None:
+                if self._clients:
+                    idle_since = now
+                elif now - idle_since >= idle_exit:
+                    return True
             if deadline is not None:
-                left = deadline - time.monotonic()
+                left = deadline - now
                 if left <= 0:
-                    return
+                    return False
                 wait = left if wait is None else min(wait, left)
             self._poll(wait)
+        return False
 
     def start(self) -> IvshmemServer:
         """Run ``serve_forever`` in a daemon thread until ``stop()``; returns ``self``.
@@ -389,8 +405,14 @@ class IvshmemServer:
         if not stat.S_ISREG(st.st_mode):
             raise ServerError(f"shared memory {path} is not a regular file", path=path)
         if st.st_size not in (0, self._size):
-            msg = f"shared memory {path} is {st.st_size} bytes, not {self._size}: pass "
-            raise ServerError(msg + f"shm_size={st.st_size} or choose another file", path=path)
+            size = st.st_size
+            fix = (
+                f"give its size, {size} (-l {size}; shm_size= from Python)"
+                if size > 0 and not size & (size - 1)
+                else "its size is not a power of two"
+            )
+            msg = f"shared memory {path} is {size} bytes, not {self._size}: {fix}, or choose "
+            raise ServerError(msg + "another file", path=path)
 
     def _check_socket_directory(self) -> None:
         """Refuse a directory where another user could replace our socket: it must be ours
@@ -417,6 +439,11 @@ class IvshmemServer:
             st = os.lstat(self._path)
         except FileNotFoundError:
             return
+        if stat.S_ISDIR(st.st_mode):
+            msg = (
+                f"{self._path} is a directory: name a socket in it, e.g. {self._path}/ivshmem.sock"
+            )
+            raise self._error(msg)
         if not stat.S_ISSOCK(st.st_mode):
             msg = f"{self._path} exists and is not a socket: refusing to replace it; remove it"
             raise self._error(msg + " or choose another socket path")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"raw", "encoded", "rtt", "flood", "doorbell", "vq"}
+CASES = {"raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup"}
 LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
 RAW_APIS = ("per-call", "batch", "batch-py", "many", "drain")
 RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in RAW_APIS}
@@ -103,6 +103,15 @@ def test_expected_cases_and_metrics(report):
     for rid in ("rtt.python.busy-poll", "rtt.python.eventfd"):
         assert set(by_id[rid]["metrics"]) == LATENCY
     assert ("rtt.c.eventfd" in by_id) == c_built
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    for slug in ("same-core", "two-cores") if two_cores else ("same-core",):
+        assert by_id[f"rtt.python.eventfd.{slug}"]["params"]["placement"] == slug.replace("-", " ")
+        assert (f"rtt.c.eventfd.{slug}" in by_id) == c_built
+    if two_cores:  # the busy machine: a CPU hog per core
+        assert by_id["flood.eventfd.w1.load-normal"]["params"]["load"].endswith("CPU hogs")
+        assert ("flood.eventfd.w1.load-fifo" in by_id) == (os.geteuid() == 0)
+        assert by_id["startup.auto-load"]["metrics"]["max_us"]["median"] > 0
+    assert by_id["startup.auto"]["metrics"]["p50_us"]["median"] > 0
     assert [r for r in data["results"] if r["group"] == "flood"]
     assert by_id["doorbell.burst"]["metrics"]["doorbells_per_burst"]["median"] > 0
     if data["machine"]["compiled_helper"]:
@@ -195,3 +204,18 @@ def test_console_script_takes_exactly_the_benchmark_options():
     script = options([sys.executable, "-m", "bench", "--help"])
     assert "--wait-quiet S" in "\n".join(script)
     assert options([sys.executable, "-m", "ivshmem_bus", "bench", "--help"]) == script
+
+
+def test_placement_pins_this_process_and_gives_it_back():
+    from bench.placement import CpuHogs, placed
+
+    before, env = os.sched_getaffinity(0), os.environ.get("BENCH_CHILD_CPU")
+    with placed("same core") as second:
+        assert os.sched_getaffinity(0) == {0} and second == 0
+        assert os.environ["BENCH_CHILD_CPU"] == "0"  # what the C reference's child reads
+    assert os.sched_getaffinity(0) == before and os.environ.get("BENCH_CHILD_CPU") == env
+    with CpuHogs() as hogs:
+        pids = [p.pid for p in hogs._procs]
+        assert len(pids) == len(before)
+    for pid in pids:  # every hog is gone with the block
+        assert not Path(f"/proc/{pid}").exists()

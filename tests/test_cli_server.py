@@ -11,50 +11,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ivshmem_bus", *args]
-
-
-def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-class Background:
-    """A command left running, with its output collected into a file."""
-
-    def __init__(self, tmp_path: Path, name: str, *args: str) -> None:
-        self.out = tmp_path / f"{name}.log"
-        self._file = self.out.open("w")
-        self.proc = subprocess.Popen(
-            cli(*args), stdout=self._file, stderr=subprocess.STDOUT, text=True, cwd=ROOT
-        )
-
-    def wait_for(self, text: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.out.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} not seen; output:\n{self.out.read_text()}")
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self._file.close()
-        return rc
+from .clitools import ROOT, Background, cli, run
 
 
 @contextlib.contextmanager
@@ -71,10 +33,14 @@ def running_fabric(tmp_path: Path, vectors: int = 2, *serve_args: str):
         )
         serve.wait_for("waiting for the driver's peer")
         yield sock, server, serve
-    finally:
+    except BaseException:
         if serve is not None:
             serve.stop(signal.SIGINT)
         server.stop()
+        raise
+    # the test passed: both must also stop cleanly on a signal, exit 0
+    assert serve is not None and serve.stop(signal.SIGINT) == 0, serve.out.read_text()
+    assert server.stop() == 0, server.out.read_text()
 
 
 @pytest.fixture
@@ -92,7 +58,7 @@ def test_probe_json_through_a_server(fabric):
     assert (doc["device_id"], doc["device_name"]) == (4, "entropy")
     assert doc["feature_names"] == ["VERSION_1"]
     assert doc["queues"] == [{"index": 0, "max_size": 1024}]
-    serve.wait_for("serving virtio rng (id 4) to vmid 1")
+    serve.wait_for("peers seen: 1; serving vmid 1 (it claims the driver queue)")
 
 
 def test_ping_statistics_and_exit_code(fabric):
@@ -222,3 +188,12 @@ def test_serve_and_ping_with_coalesce_skip_doorbells_and_lose_nothing(tmp_path):
     rung = int(stats.split("doorbells_rung=", 1)[1].split(",", 1)[0])
     assert rung + suppressed == 200  # one response each: rung, or not needed
     assert suppressed > 0  # the driver polled for its response
+
+
+def test_spec_v1_ping_gets_bus_ping_replies(tmp_path):
+    """PING is a bus message (spec-v1 section 5.3): serve's bus end answers it."""
+    with running_fabric(tmp_path, 2, "--profile", "spec-v1") as (sock, _, _):
+        out = run("ping", "--server", str(sock), "--vectors", "2", "--profile", "spec-v1",
+                  "-c", "2", "-i", "0")  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "2 requests sent, 2 replies received, 0% loss" in out.stdout

@@ -115,7 +115,7 @@ def test_wrong_version_is_refused_and_nothing_leaks(tmp_path):
     before = open_fds()
     server = ScriptedServer(tmp_path / "s", [(1, None)])
     try:
-        with pytest.raises(ServerClientError, match="protocol version 1, expected 0"):
+        with pytest.raises(ServerClientError, match="its first message is 0x1, not version 0"):
             ServerClientDevice(tmp_path / "s")
     finally:
         server.close()

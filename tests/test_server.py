@@ -416,7 +416,8 @@ def test_a_non_socket_path_is_refused_and_left_alone(path, kind) -> None:
         path.mkdir()
     else:
         path.symlink_to(path.parent / "elsewhere")
-    with pytest.raises(ServerError, match="is not a socket: refusing to replace it"):
+    expected = "is a directory: name a socket in it" if kind == "dir" else "is not a socket: refus"
+    with pytest.raises(ServerError, match=expected):
         IvshmemServer(path, shm_size=SHM)
     assert path.is_symlink() if kind == "symlink" else path.exists()
     if kind == "file":
@@ -505,7 +506,7 @@ def test_file_backed_shared_memory(path, tmp_path, connect) -> None:
     with IvshmemServer(path, shm_size="8K", shm_path=shm):  # same size: reused as is
         pass
     assert shm.read_bytes()[:4] == b"data"
-    with pytest.raises(ServerError, match=r"is 8192 bytes, not 4096: pass shm_size=8192"):
+    with pytest.raises(ServerError, match=r"is 8192 bytes, not 4096: give its size, 8192 \(-l"):
         IvshmemServer(path, shm_size=SHM, shm_path=shm)
     with pytest.raises(ServerError, match="/dev/null is not a regular file"):
         IvshmemServer(path, shm_size=SHM, shm_path="/dev/null")

@@ -88,10 +88,13 @@ class ServerClientDevice(IvshmemDevice):
                 f"cannot connect to ivshmem server at {self._path}: {exc.strerror or exc}; "
                 f"start one with 'ivshmem-bus server -S {self._path}'"
             ) from exc
-        version, fd = self._recv()
+        try:
+            version, fd = self._recv()
+        except TimeoutError as exc:
+            raise ServerClientError(_silent(self._path, timeout)) from exc
         self._no_fd(fd)
         if version != PROTOCOL_VERSION:
-            raise ServerClientError(f"{self._path}: server protocol version {version}, expected 0")
+            raise ServerClientError(_not_ivshmem(self._path, version))
         own_id, fd = self._recv()
         self._no_fd(fd)
         if not is_peer_id(own_id):
@@ -258,21 +261,45 @@ def fetch_shared_memory(path: str | os.PathLike[str], timeout: float = 5.0) -> i
         try:
             sock.connect(path)
         except OSError as exc:
-            raise ServerClientError(f"cannot connect to ivshmem server at {path}: {exc}") from exc
+            raise ServerClientError(
+                f"cannot connect to ivshmem server at {path}: {exc.strerror or exc}; start one "
+                f"with 'ivshmem-bus server -S {path}'"
+            ) from exc
         pending = bytearray()
         try:
-            for _ in range(2):  # the version and our id: no fd expected
-                _value, fd = _recv_message(sock, pending, path)
-                if fd != -1:
-                    os.close(fd)
+            version, fd = _recv_message(sock, pending, path)
+            if fd != -1:
+                os.close(fd)
+            if version != PROTOCOL_VERSION:
+                raise ServerClientError(_not_ivshmem(path, version))
+            _value, fd = _recv_message(sock, pending, path)  # our id: no fd expected
+            if fd != -1:
+                os.close(fd)
             value, fd = _recv_message(sock, pending, path)
         except TimeoutError as exc:
-            raise ServerClientError(f"{path}: no greeting from the server") from exc
+            raise ServerClientError(_silent(path, timeout)) from exc
     if value != -1 or fd == -1:
         if fd != -1:
             os.close(fd)
-        raise ServerClientError(f"{path}: the greeting did not carry the shared memory")
+        raise ServerClientError(
+            f"{path}: the greeting did not carry the shared memory: is it an ivshmem server "
+            f"(ivshmem-bus server, or QEMU's ivshmem-server)?"
+        )
     return fd
+
+
+def _silent(path: str, timeout: float) -> str:
+    return (
+        f"{path}: no greeting from the server within {timeout:g} s: is it an ivshmem server "
+        f"(ivshmem-bus server, or QEMU's ivshmem-server), and not stuck?"
+    )
+
+
+def _not_ivshmem(path: str, first: int) -> str:
+    return (
+        f"{path} does not speak the ivshmem server protocol (its first message is "
+        f"{first:#x}, not version 0): give the socket of an ivshmem server"
+    )
 
 
 def _recv_message(sock: socket.socket, pending: bytearray, where: str) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from .. import __version__
 from ..core import protocol
 from ..core.regs import PEER_IDS, is_peer_id
 from ..errors import IvshmemBusError
+from . import signals
 from .data import add_data_commands, add_serve_args
 from .link import (
     cmd_demo,
@@ -53,6 +54,55 @@ def _vmid_arg(text: str) -> str:
     return text
 
 
+def _number(kind: type, low: float, *, above: bool = False, what: str = ""):
+    """An argparse type: a ``kind`` (int or float) >= ``low`` (> ``low`` with ``above``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= low or (above and value == low):  # not >=: NaN is out of range too
+            bound = f"more than {low:g}" if above else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: {what or 'it'} must be {bound}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+SECONDS = _number(float, 0, what="a time in seconds")
+TIMEOUT = _number(float, 0, above=True, what="a timeout in seconds")
+COUNT = _number(int, 1, what="a count")
+VECTORS = _number(int, 1, what="a vector count (1..64)")
+
+
+def _vectors(text: str) -> int:
+    value = VECTORS(text)
+    if value > 64:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: vectors are 1..64")
+    return value
+
+
+def _size_arg(text: str) -> str:
+    """argparse type for ``server -l``: a power of two of at least 8K (the bus's two queues)."""
+    from ..server import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size & (size - 1):
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two: use e.g. 4M")
+    if size < 8192:
+        raise argparse.ArgumentTypeError(
+            f"{text} is {size} bytes: the bus needs at least 8K (two 4 KiB queues)"
+        )
+    return text
+
+
 def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="PATH", help="join the ivshmem server at PATH")
@@ -60,7 +110,7 @@ def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> Non
     where.add_argument(
         "--fake", metavar="DIR", help="a fake fabric in DIR (the default without ivshmem hardware)"
     )
-    p.add_argument("--vectors", type=int, default=1, help="vectors the server gives (-n)")
+    p.add_argument("--vectors", type=_vectors, default=1, help="vectors the server gives (-n)")
     p.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     if remote:
         p.add_argument(
@@ -117,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "driver over a fake ivshmem pair: the whole bus with no hardware.",
     )
     demo.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
-    demo.add_argument("--round-trips", type=int, default=1000, metavar="N")
+    demo.add_argument("--round-trips", type=_number(int, 0), default=1000, metavar="N")
     demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.set_defaults(func=cmd_demo)
 
@@ -128,8 +178,10 @@ def _parser() -> argparse.ArgumentParser:
         "devices and host peers over a UNIX socket. Runs in the foreground until SIGINT/SIGTERM.",
     )
     server.add_argument("-S", dest="socket", default="/tmp/ivshmem_socket", metavar="PATH")
-    server.add_argument("-l", dest="size", default="4M", metavar="SIZE", help="e.g. 4M, 1G")
-    server.add_argument("-n", dest="vectors", type=int, default=1, metavar="VECTORS")
+    server.add_argument(
+        "-l", dest="size", type=_size_arg, default="4M", metavar="SIZE", help="e.g. 4M, 1G"
+    )
+    server.add_argument("-n", dest="vectors", type=_vectors, default=1, metavar="VECTORS")
     memory = server.add_mutually_exclusive_group()
     memory.add_argument("-m", "--shm", dest="shm", metavar="PATH", help="file to share")
     memory.add_argument(
@@ -138,10 +190,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     server.add_argument("-F", dest="foreground", action="store_true", help="foreground (default)")
     server.add_argument("-p", dest="pid_file", metavar="PIDFILE", help="write our pid there")
-    server.add_argument("--max-peers", type=int, default=64)
+    server.add_argument("--max-peers", type=_number(int, 1), default=64)
     server.add_argument(
         "--idle-exit",
-        type=float,
+        type=SECONDS,
         default=None,
         metavar="SECONDS",
         help="exit after SECONDS with no peer (fake fabrics use this)",
@@ -153,10 +205,17 @@ def _parser() -> argparse.ArgumentParser:
     add_serve_args(serve)
     serve.add_argument(
         "--wait",
-        type=float,
+        type=SECONDS,
         default=float("inf"),
         metavar="SECONDS",
         help="with --remote-vmid auto: how long to wait for the driver's peer",
+    )
+    serve.add_argument(
+        "--sched",
+        choices=["auto", "fifo", "normal"],
+        default="auto",
+        help="real-time scheduling for QEMU's 1 ms deadline on a busy machine (auto: "
+        "SCHED_FIFO when permitted, e.g. as root)",
     )
     resets = serve.add_mutually_exclusive_group()
     resets.add_argument(
@@ -177,15 +236,15 @@ def _parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="describe the remote virtio-msg device (driver role)")
     _add_backend_args(probe)
-    probe.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS")
+    probe.add_argument("--timeout", type=TIMEOUT, default=1.0, metavar="SECONDS")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_probe)
 
     ping = sub.add_parser("ping", help="bus round-trip check, like ping")
     _add_backend_args(ping)
-    ping.add_argument("-c", "--count", type=int, default=5)
-    ping.add_argument("-i", "--interval", type=float, default=0.2, metavar="SECONDS")
-    ping.add_argument("--timeout", type=float, default=1.0, metavar="SECONDS")
+    ping.add_argument("-c", "--count", type=COUNT, default=5)
+    ping.add_argument("-i", "--interval", type=SECONDS, default=0.2, metavar="SECONDS")
+    ping.add_argument("--timeout", type=TIMEOUT, default=1.0, metavar="SECONDS")
     ping.set_defaults(func=cmd_ping)
 
     monitor = sub.add_parser(
@@ -197,9 +256,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--shm", metavar="FILE", help="a shared-memory file (the server's -m)")
     monitor.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     monitor.add_argument("--pcap", metavar="FILE", help="also write a pcap (tools/virtio-msg.lua)")
-    monitor.add_argument("--count", type=int, default=0, help="stop after N messages")
-    monitor.add_argument("--duration", type=float, default=None, metavar="SECONDS")
-    monitor.add_argument("--interval", type=float, default=1e-4, metavar="SECONDS")
+    monitor.add_argument("--count", type=_number(int, 0), default=0, help="stop after N messages")
+    monitor.add_argument("--duration", type=SECONDS, default=None, metavar="SECONDS")
+    monitor.add_argument("--interval", type=TIMEOUT, default=1e-4, metavar="SECONDS")
     monitor.set_defaults(func=cmd_monitor)
 
     add_data_commands(sub, _add_backend_args)
@@ -249,13 +308,48 @@ def _no_bench(args: argparse.Namespace) -> int:
 
 
 def vmid_main(argv: Sequence[str] | None = None) -> int:
-    """``ivshmem-vmid``: the same as ``ivshmem-bus vmid``."""
-    return main(["vmid", *(sys.argv[1:] if argv is None else argv)])
+    """``ivshmem-vmid``: the same as ``ivshmem-bus vmid``, with its own name in its usage."""
+    return main(["vmid", *(sys.argv[1:] if argv is None else argv)], prog="ivshmem-vmid")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    group = parser._subparsers
+    actions = group._group_actions if group is not None else []
+    return next(a.choices for a in actions if isinstance(a.choices, dict))
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the command too (``ivshmem-bus probe -v``), not only before it."""
+    for name, sub in _commands(parser).items():
+        if name != "bench":  # the benchmark takes exactly python -m bench's options
+            sub.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                help="debug logging",
+            )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``ivshmem-bus`` and ``python -m ivshmem_bus``."""
-    args = _parser().parse_args(argv)
+    restore = signals.install()
+    try:
+        return _main(argv, prog)
+    finally:
+        restore()
+
+
+def _main(argv: Sequence[str] | None, prog: str | None) -> int:
+    parser = _parser()
+    _verbose_everywhere(parser)
+    try:
+        if prog is None:
+            args = parser.parse_args(argv)
+        else:  # ivshmem-vmid: the vmid command's own parser, under its own name
+            vmid = _commands(parser)["vmid"]
+            vmid.prog = prog
+            top = parser.parse_args(["vmid"])  # the top level's defaults (sysfs, dev, -v)
+            args = vmid.parse_args(list(argv or [])[1:], namespace=top)
+    except signals.Stopped as exc:
+        return signals.exit_code(exc)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="ivshmem-bus: %(levelname)s: %(message)s",
@@ -268,5 +362,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # an argument the library refused (bad size, bad vectors)
         print(f"ivshmem-bus: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except signals.Stopped as exc:
+        return signals.exit_code(exc)

@@ -10,24 +10,22 @@ import argparse
 import contextlib
 import json
 import logging
-import mmap
 import os
-import signal
 import sys
-import threading
-import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..core import protocol
-from ..errors import BusTimeout
+from ..errors import MonitorError
+from . import signals
 
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
     from ..backends.base import IvshmemDevice
+    from ..bus import VirtioMsgBus
     from ..transport import DeviceDescription
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import run_demo, summarize
+    from ..demo import run_demo, summarize, summary
 
     result = run_demo(args.profile, args.round_trips)
     d = result.description
@@ -42,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "device": d.as_dict(),
                     "negotiated_features": f"0x{result.features:x}",
                     "status": result.status,
-                    "round_trips_us": summarize(result.round_trips_us),
+                    "round_trips_us": summary(result.round_trips_us),
                 },
                 indent=2,
             )
@@ -74,18 +72,6 @@ def _print_description(vmid: int, d: DeviceDescription) -> None:
     print(f"  config:    {d.config_size} bytes")
     queues = ", ".join(f"{q.index} (max {q.max_size})" for q in d.queues) or "none"
     print(f"  queues:    {queues}")
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGINT or SIGTERM, for loops that must stop cleanly."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
 
 
 def _backend(args: argparse.Namespace) -> IvshmemDevice:
@@ -124,7 +110,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     from ..server import IvshmemServer
 
     logging.getLogger("ivshmem_bus.server").setLevel(logging.INFO)
-    stop = _stop_on_signals()
     shm = shm_object_path(args.shm_name) if args.shm_name else args.shm  # QEMU's -M
     pid_file = PidFile(args.pid_file) if args.pid_file else contextlib.nullcontext()
     with IvshmemServer(
@@ -136,17 +121,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             f"memory, {server.vectors} vector(s), up to {server.max_peers} peers",
             flush=True,
         )
-        if args.idle_exit is None:
-            server.serve_forever(stop)
-        else:  # a fake fabric's server: gone once nobody has used it for a while
-            idle_since = time.monotonic()
-            while not stop.is_set():
-                server.serve_forever(stop, timeout=0.5)
-                if server.peer_ids:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= args.idle_exit:
-                    print(f"no peer for {args.idle_exit:g} s: exiting", flush=True)
-                    break
+        if server.serve_forever(signals.stop_event(), idle_exit=args.idle_exit):
+            print(f"no peer for {args.idle_exit:g} s: exiting", flush=True)
     print("ivshmem server stopped", flush=True)
     return 0
 
@@ -170,80 +146,88 @@ def check_linux_vmid(dev: IvshmemDevice, profile: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..backends.peers import follow_single_peer, resolve_remote_vmid
-    from ..bus import VirtioMsgBus, reset_queues_of
-    from ..devices import DeviceHub
+    from ..serving import serve_link
     from ..transport import status_names
 
-    # the bus messages (GET_DEVICES, PING) are the hub's: every profile that has them
-    hub_needed = args.profile != "qemu-v0" or len(args.device_type) > 1
     if len(args.device_type) > 1 and args.profile == "qemu-v0":
         raise ValueError(
             f"--device-type {','.join(args.device_type)}: qemu-v0 carries one device per bus; "
             "use --profile linux-v0 (or spec-v1) for several"
         )
+    # the bus messages (GET_DEVICES, PING) are the hub's: every profile that has them
+    hub = args.profile != "qemu-v0" or len(args.device_type) > 1
     # linux-v0: the driver may have queued its GET_DEVICES before we start (it must be
     # answered), and a restarted device side must pick up the queues where they are.
     reset = args.reset_queues if args.reset_queues is not None else args.profile != "linux-v0"
-    stop = _stop_on_signals()
     with _backend(args) as dev:
         check_linux_vmid(dev, args.profile)
         with args.served_device(args, dev) as devices:  # cli.data's
-            if reset:
-                reset_queues_of(dev)  # before any peer can have sent us anything
-            print(f"{dev.name}: vmid {dev.vmid}; waiting for the driver's peer", flush=True)
-            remote = resolve_remote_vmid(dev, args.remote_vmid, wait=args.wait, settle=0.2)
-
+            stop = signals.stop_event()  # from here on a signal ends the loop below cleanly
             for dev_id, device in enumerate(devices):
-
-                def on_status(old: int, new: int, dev_id: int = dev_id) -> None:
-                    where = f"dev_id {dev_id} " if hub_needed else ""
-                    print(
-                        f"{where}driver status {status_names(old)} -> {status_names(new)}",
-                        flush=True,
-                    )
-
-                device.on_status = on_status
-            with VirtioMsgBus(dev, "device", remote, args.profile, coalesce=args.coalesce) as bus:
-                what = ", ".join(
-                    f"{name} (id {d.device_id})" + (f" at dev_id {i}" if hub_needed else "")
-                    for i, (name, d) in enumerate(zip(args.device_type, devices, strict=True))
+                where = f"dev_id {dev_id} " if hub else ""
+                device.on_status = lambda old, new, where=where: _say(
+                    f"{where}driver status {status_names(old)} -> {status_names(new)}"
                 )
-                print(
-                    f"serving virtio {what} to vmid {remote} ({args.profile}); Ctrl-C stops",
-                    flush=True,
-                )
-
-                def follow(msg: protocol.Message) -> None:
-                    if args.remote_vmid == "auto":  # answer whoever the driver is now
-                        now = follow_single_peer(dev, bus.remote_vmid)
-                        if now != bus.remote_vmid:
-                            print(
-                                f"driver peer {bus.remote_vmid} left; serving vmid {now}",
-                                flush=True,
-                            )
-                            bus.remote_vmid = now
-
-                if hub_needed:
-                    hub = DeviceHub(devices)
-                    handled = hub.serve(bus, stop=stop.is_set, on_message=follow)
-                    print(f"hub: {hub.stats}", flush=True)
-                else:
-                    handled = devices[0].serve(bus, stop=stop.is_set, on_message=follow)
-                print(f"stopped after {handled} messages; {bus.stats}", flush=True)
+            what = ", ".join(
+                f"{name} (id {d.device_id})" + (f" at dev_id {i}" if hub else "")
+                for i, (name, d) in enumerate(zip(args.device_type, devices, strict=True))
+            )
+            result = serve_link(
+                dev, devices, hub=hub, remote=args.remote_vmid, profile=args.profile,
+                coalesce=args.coalesce, reset_queues=reset, wait=args.wait,
+                stop=stop.is_set, say=_say, bar_fix=_bar_fix(args), sched=args.sched,
+                ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {what} ({args.profile}); "
+                "waiting for the driver's peer; Ctrl-C stops",
+            )  # fmt: skip
+    if result.hub_stats is not None:
+        _say(f"hub: {result.hub_stats}")
+    _say(f"stopped after {result.handled} messages; {result.stats}")
     return 0
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from ..backends.peers import resolve_remote_vmid
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _bar_fix(args: argparse.Namespace) -> str:
+    if args.server:
+        return f"restart the server {args.server} with -l 8K or more"
+    if args.fake:
+        return f"remove the fake fabric {args.fake} (a new one is made with 4M)"
+    return "give the ivshmem device a memory backend of 8K or more"
+
+
+def _serve_hint(args: argparse.Namespace) -> str:
+    if args.server:
+        return f"ivshmem-bus serve --server {args.server}"
+    if args.fake:
+        return f"ivshmem-bus serve --fake {args.fake}"
+    return "ivshmem-bus serve --device BDF on the other machine"
+
+
+@contextlib.contextmanager
+def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
+    """The driver role's bus, with the driver queue claimed for its duration."""
     from ..bus import VirtioMsgBus
+    from ..ownership import check_bar2, claimed, resolve_driver_remote
+
+    check_bar2(dev, _bar_fix(args))
+    remote = resolve_driver_remote(dev, args.remote_vmid, hint=_serve_hint(args))
+    with (
+        claimed(dev, "driver"),
+        VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
+    ):
+        yield bus
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
     from ..transport import VirtioMsgDriver
 
     with _backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
-        remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
+        with _driver_link(args, dev) as bus:
             d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
+            remote = bus.remote_vmid
     if args.json:
         print(json.dumps({"vmid": vmid, "remote_vmid": remote, **d.as_dict()}, indent=2))
     else:
@@ -252,81 +236,49 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
-    from ..backends.peers import resolve_remote_vmid
-    from ..bus import VirtioMsgBus
+    from ..ping import ping
 
-    stop = _stop_on_signals()
-    times: list[float] = []
-    sent = 0
-    with _backend(args) as dev:
-        remote = resolve_remote_vmid(dev, args.remote_vmid)
-        with VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus:
-            print(f"PING vmid {remote} from vmid {dev.vmid} over {dev.name} ({args.profile})")
-            for seq in range(1, args.count + 1):
-                if stop.is_set():
-                    break
-                # qemu-v0 has no PING: GET_DEVICE_STATUS is the cheapest round trip there
-                msg = (
-                    protocol.BusPing(data=seq)
-                    if args.profile == "spec-v1"
-                    else (protocol.GetDeviceStatus())
-                )
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    bus.request(msg, args.timeout)
-                except BusTimeout:
-                    print(f"no reply from vmid {remote}: seq={seq}", flush=True)
-                    continue
-                times.append((time.perf_counter() - t0) * 1e6)
-                print(f"reply from vmid {remote}: seq={seq} time={times[-1]:.1f} us", flush=True)
-                if seq < args.count:
-                    stop.wait(args.interval)
-    print(f"--- vmid {remote} ping statistics ---")
-    loss = 100.0 * (sent - len(times)) / sent if sent else 0.0
-    print(f"{sent} requests sent, {len(times)} replies received, {loss:.0f}% loss")
-    if times:
-        avg = sum(times) / len(times)
-        print(f"round trip min/avg/max = {min(times):.1f}/{avg:.1f}/{max(times):.1f} us")
-    return 0 if times and len(times) == sent else 1
+    with _backend(args) as dev, _driver_link(args, dev) as bus:
+        stop = signals.stop_event()
+        print(f"PING vmid {bus.remote_vmid} from vmid {dev.vmid} over {dev.name} ({args.profile})")
+        result = ping(bus, args.count, args.interval, args.timeout, stop, _say)
+    print("\n".join(result.summary()))
+    return 0 if result.ok else 1
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from ..monitor import LinkTap, PcapWriter
+    from ..monitor import PcapWriter, open_pcap, tap_fd
 
-    stop = _stop_on_signals()
-    fd = -1
-    if args.shm:
-        fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
-    else:
-        from ..backends.fabric import fake_socket
-        from ..backends.server_client import fetch_shared_memory
-
-        if not args.server:
-            _default_to_fake(args)
-        fd = fetch_shared_memory(args.server or fake_socket(args.fake))
+    fd = _monitor_fd(args)
     try:
-        size = os.fstat(fd).st_size
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mem:
-            tap = LinkTap(memoryview(mem), args.profile)
-            pcap_file = open(args.pcap, "wb") if args.pcap else None  # noqa: SIM115
-            try:
-                writer = PcapWriter(pcap_file) if pcap_file else None
-                shown = 0
-                end = None if args.duration is None else time.monotonic() + args.duration
-                while not stop.is_set() and (end is None or time.monotonic() < end):
-                    for seen in tap.poll():
-                        print(seen.describe(args.profile), flush=True)
-                        if writer:
-                            writer.write(seen, args.profile)
-                        shown += 1
-                        if args.count and shown >= args.count:
-                            return 0
-                    time.sleep(args.interval)
-            finally:
-                tap.release()
-                if pcap_file:
-                    pcap_file.close()
+        with tap_fd(fd, args.profile, args.shm or args.server or args.fake) as tap:
+            pcap = open_pcap(args.pcap) if args.pcap else None  # opened once the tap works
+            with pcap or contextlib.nullcontext():
+                writer = PcapWriter(pcap) if pcap else None
+                stop = signals.stop_event()
+                for seen in tap.follow(args.interval, args.duration, stop=stop.is_set,
+                                       count=args.count):  # fmt: skip
+                    print(seen.describe(args.profile), flush=True)
+                    if writer:
+                        writer.write(seen, args.profile)
     finally:
         os.close(fd)
     return 0
+
+
+def _monitor_fd(args: argparse.Namespace) -> int:
+    """The shared memory to tap: the -m file, or BAR2 fetched from a server (then hung up)."""
+    if args.shm:
+        try:
+            return os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MonitorError(
+                f"cannot open the shared-memory file {args.shm}: {exc.strerror}: give the "
+                f"server's -m file"
+            ) from exc
+    from ..backends.fabric import fake_socket
+    from ..backends.server_client import fetch_shared_memory
+
+    if not args.server:
+        _default_to_fake(args)
+    return fetch_shared_memory(args.server or fake_socket(args.fake))

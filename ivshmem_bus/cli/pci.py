@@ -97,7 +97,9 @@ def cmd_vmid(args: argparse.Namespace) -> int:
     if args.bdf:
         fn = pci.get_function(args.bdf, args.sysfs)
         if not fn.is_ivshmem:
-            raise PciError(f"{fn.bdf} is not an ivshmem device (1af4:1110)")
+            raise PciError(
+                f"{fn.bdf} is not an ivshmem device (1af4:1110): 'ivshmem-bus list' shows them"
+            )
     else:
         doorbells = [fn for fn in pci.list_ivshmem(args.sysfs) if fn.is_doorbell]
         if not doorbells:
@@ -120,12 +122,12 @@ def cmd_vmid(args: argparse.Namespace) -> int:
 def cmd_bind(args: argparse.Namespace) -> int:
     from ..backends.vfio import pci
 
-    if args.noiommu:
+    b = pci.bind(args.bdf, root=args.sysfs, dev_root=args.dev, noiommu=args.noiommu)
+    if args.noiommu:  # said once it applies: not before refusing a non-ivshmem device
         print(
             "warning: no-IOMMU mode gives the device unrestricted DMA and taints the kernel",
             file=sys.stderr,
         )
-    b = pci.bind(args.bdf, root=args.sysfs, dev_root=args.dev, noiommu=args.noiommu)
     before = b.previous_driver or "no driver"
     if b.previous_driver == pci.VFIO_PCI:
         print(f"{b.bdf} is already bound to vfio-pci ({b.node})")

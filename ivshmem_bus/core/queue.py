@@ -6,9 +6,9 @@ test) and nothing else. No mmap, no fds, no doorbells: ringing the peer is the b
 Layout (docs/wire-format.md §3.1, identical to QEMU's ``spsc_queue.h``)::
 
     0x00        u32 head   next slot the producer writes (a slot number, not free-running)
-    0x04..0x3f  padding    (head has a 64-byte line of its own)
+    0x04..0x3f  padding    (head has a 64-byte line of its own; 0x04: the claim, below)
     0x40        u32 tail   next slot the consumer reads
-    0x44..0x7f  padding
+    0x44..0x7f  padding    (0x44: the polling flag, below)
     0x80 + 64*i slot i     i in 0 .. capacity-1, capacity = (len - 128) // 64
 
 next(i) = i + 1, or 0 at capacity. Empty: head == tail. Full: next(head) == tail, so at most
@@ -72,6 +72,13 @@ polling and looks at the queue once more. Two signals, each a Dekker pair with a
 
 The second rule relies on the consumer's re-check, which QEMU does not make: coalescing is
 for links whose both ends are ivshmem_bus (``VirtioMsgBus(coalesce=True)``).
+
+Claim word (an extension, advisory)
+-----------------------------------
+``CLAIM_OFFSET`` (0x04, padding of the producer's own line) names the queue's producer: one
+fabric carries one queue pair, so a second driver or device must not produce on it too.
+``ivshmem_bus.ownership`` stores and checks it (``CLAIM | vmid``, one aligned 32-bit store);
+QEMU never writes it, a reset zeroes it, and the queue itself never reads it.
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ from typing import Protocol, TypeVar
 from ..errors import QueueCorrupt
 
 __all__ = [
+    "CLAIM",
+    "CLAIM_OFFSET",
     "HEAD_OFFSET",
     "POLLING",
     "POLLING_OFFSET",
@@ -106,6 +115,8 @@ _TAIL_WORD = TAIL_OFFSET // 4
 POLLING_OFFSET = 0x44  # consumer's line: POLLING while it polls (coalescing extension)
 POLLING = 1
 _POLL_WORD = POLLING_OFFSET // 4
+CLAIM_OFFSET = 0x04  # producer's line: CLAIM | vmid of the peer that produces here (ownership)
+CLAIM = 0x0001_0000  # bit 16 set: claimed; bits 15..0: the owner's vmid
 
 
 T = TypeVar("T")
@@ -671,4 +682,3 @@ class SpscQueue:
 
     def __repr__(self) -> str:
         return f"SpscQueue(capacity={self._capacity}, head={self._head}, tail={self._tail})"
-
