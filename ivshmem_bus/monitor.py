@@ -125,15 +125,28 @@ def _show(value: object) -> str:
 class LinkTap:
     """Both queues of a link's BAR2, observed read-only."""
 
-    def __init__(self, shmem: memoryview | bytes, profile: str = "qemu-v0") -> None:
+    def __init__(
+        self,
+        shmem: memoryview | bytes | None,
+        profile: str = "qemu-v0",
+        *,
+        queues: tuple[memoryview, memoryview] | None = None,
+    ) -> None:
+        """Tap BAR2's two queues (0x0000 and 0x1000), or ``queues`` (driver -> device,
+        device -> driver: a backend's ``message_queues()``, the linux-user bus's files)."""
         if profile not in protocol.PROFILES:
             raise ValueError(f"unknown profile {profile!r}")
-        view = memoryview(shmem).cast("B")
+        if (shmem is None) == (queues is None):
+            raise ValueError("give the shared memory or the two queue regions, not both")
+        if queues is None:
+            assert shmem is not None
+            view = memoryview(shmem).cast("B")
+            queues = (
+                view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE],
+                view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE],
+            )
         self.profile = profile
-        self.taps = (
-            QueueTap(view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE]),
-            QueueTap(view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE]),
-        )
+        self.taps = (QueueTap(queues[0]), QueueTap(queues[1]))
 
     def poll(self) -> list[Seen]:
         now = time.time()

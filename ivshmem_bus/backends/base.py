@@ -179,6 +179,22 @@ class IvshmemDevice(abc.ABC):
             self._after_doorbells(fired)
         return fired
 
+    def message_queues(self) -> tuple[memoryview, memoryview]:
+        """The bus's two queue regions: (driver -> device, device -> driver).
+
+        On ivshmem they are 4 KiB each at BAR2 offsets 0x0000 and 0x1000 (wire-format.md
+        section 3; ``bus.DRIVER_QUEUE_OFFSET`` and the rest name the same numbers); a backend
+        whose queues live elsewhere (the linux-user bus: two files) overrides this. The
+        caller releases both views.
+
+        Raises:
+            ValueError: BAR2 is smaller than the two queues.
+        """
+        shm, size = self.shmem, 0x1000
+        if len(shm) < 2 * size:
+            raise ValueError(f"{self.name}: BAR2 is {len(shm)} bytes; the bus needs {2 * size}")
+        return shm[0:size], shm[size : 2 * size]
+
     def peers(self) -> set[int] | None:
         """The other peers' ids when the backend knows them (server client), else None."""
         return None
