@@ -20,6 +20,7 @@ __all__ = [
     "DeviceNotFound",
     "DriverError",
     "IvshmemBusError",
+    "LinuxUserError",
     "MemoryFileError",
     "PciError",
     "PoolExhausted",
@@ -102,6 +103,19 @@ class RemoteVmidError(IvshmemBusError):
 class DeviceVmidError(IvshmemBusError):
     """The device side is not VMID 0, which the Linux virtio-msg driver hard-codes as the
     device (``serve --profile linux-v0``)."""
+
+
+class LinuxUserError(IvshmemBusError):
+    """A linux-user bus end could not open: its queue files (missing, stale, wrong size) or
+    its chardev socket (missing, nobody listening, in use). The message names the fix.
+
+    Attributes:
+        path: the file or socket concerned.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class ServerClientError(IvshmemBusError):

@@ -79,7 +79,7 @@ class IvshmemDevice(abc.ABC):
             time.sleep(timeout)
             return fired
         ready = self._poller().poll(-1 if timeout is None else timeout)
-        fired = {fds.index(fd) for fd, _events in ready if _read_eventfd(fd)}
+        fired = {fds.index(fd) for fd, _events in ready if self._read_vector(fd)}
         if fired:
             self._after_doorbells(fired)
         return fired
@@ -94,6 +94,12 @@ class IvshmemDevice(abc.ABC):
         (VFIO INTx clears IntrStatus and unmasks here: INTx is automasked after each
         interrupt, and a path that forgot it would never be woken again)."""
         del fired
+
+    def _read_vector(self, fd: int) -> int:
+        """Hook: take what has fired on one vector fd without blocking; nonzero if it had.
+        An eventfd's counter here; the linux-user bus's one "vector" is its socket (the
+        doorbell bytes), so it reads that instead."""
+        return _read_eventfd(fd)
 
     def _poller(self) -> select.epoll:
         """One epoll over the vector fds, kept for the device's life (a new selector per
@@ -174,7 +180,7 @@ class IvshmemDevice(abc.ABC):
     @final
     def drain(self) -> set[int]:
         """Read every vector's eventfd without blocking; the vectors that had fired."""
-        fired = {v for v, fd in enumerate(self.vector_fds()) if _read_eventfd(fd)}
+        fired = {v for v, fd in enumerate(self.vector_fds()) if self._read_vector(fd)}
         if fired:
             self._after_doorbells(fired)
         return fired
