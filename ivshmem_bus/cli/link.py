@@ -93,13 +93,16 @@ def _backend(args: argparse.Namespace) -> IvshmemDevice:
 
     _default_to_fake(args)
     return open_backend(
-        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors
-    )
+        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors,
+        linux_user=args.linux_user, listen=getattr(args, "listen", False),
+        bus_name=args.bus_name, queue_dir=args.queue_dir, mem=getattr(args, "mem", None),
+        mem_offset=getattr(args, "mem_offset", None),
+    )  # fmt: skip
 
 
 def _default_to_fake(args: argparse.Namespace) -> None:
     """No backend named: the fake device where no ivshmem hardware is present (said so)."""
-    if args.server or getattr(args, "device", None) or args.fake:
+    if args.server or getattr(args, "device", None) or args.fake or args.linux_user:
         return
     from ..backends.fabric import default_fake_dir
     from ..backends.vfio import pci
@@ -295,6 +298,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     from ..monitor import LinkTap, PcapWriter
 
     stop = _stop_on_signals()
+    if args.linux_user:  # queue files, not one shared memory: mapped read-only here
+        return _monitor_linux_user(args, stop)
     fd = -1
     if args.shm:
         fd = os.open(args.shm, os.O_RDONLY | os.O_CLOEXEC)
@@ -329,4 +334,27 @@ def cmd_monitor(args: argparse.Namespace) -> int:
                     pcap_file.close()
     finally:
         os.close(fd)
+    return 0
+
+
+def _monitor_linux_user(args: argparse.Namespace, stop: threading.Event) -> int:
+    """``monitor --linux-user``: tap the two queue files; QEMU's chardev takes one client,
+    so the socket is left alone."""
+    from ..backends.linux_user import QueueFiles
+    from ..monitor import LinkTap
+
+    with QueueFiles(args.queue_dir, args.bus_name, readonly=True) as files:
+        tap = LinkTap(None, args.profile, queues=files.message_queues())
+        try:
+            shown = 0
+            end = None if args.duration is None else time.monotonic() + args.duration
+            while not stop.is_set() and (end is None or time.monotonic() < end):
+                for seen in tap.poll():
+                    print(seen.describe(args.profile), flush=True)
+                    shown += 1
+                    if args.count and shown >= args.count:
+                        return 0
+                time.sleep(args.interval)
+        finally:
+            tap.release()
     return 0
