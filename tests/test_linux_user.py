@@ -307,6 +307,24 @@ def test_open_backend_chooses_it_and_refuses_two_backends(tmp_path: Path) -> Non
         open_backend(linux_user="x", fake="y")
 
 
+def test_the_ram_file_is_the_window_at_mem_offset(tmp_path: Path) -> None:
+    from ivshmem_bus.memory import FileWindow, open_window
+
+    ram = tmp_path / "vm-ram"
+    ram.write_bytes(bytes(1 << 16))
+    with LinuxUserDevice(str(tmp_path / "s"), listen=True, queue_dir=tmp_path, mem=str(ram)) as dev:
+        assert (dev.mem, dev.mem_offset) == (str(ram), 0x40000000)  # the seed's default
+        window = open_window(dev.mem, mem_offset=dev.mem_offset)
+        try:
+            assert isinstance(window, FileWindow)
+            view = window.view(0x40000000 + 0x1234, 7)  # driver address A: file A - offset
+            view[:] = b"entropy"
+            view.release()
+        finally:
+            window.close()
+    assert ram.read_bytes()[0x1234 : 0x1234 + 7] == b"entropy"
+
+
 # As a library -----------------------------------------------------------------------------------
 
 

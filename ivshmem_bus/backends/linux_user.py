@@ -19,7 +19,9 @@ doorbells. A host program with this backend is either end of it: the driver of Q
   single peer, present or not yet connected), ``vmid`` is 0, and ``ring(peer)`` ignores
   ``peer`` and ``vector``: every doorbell goes to the one peer.
 - Memory: the driver's RAM file (``mem``) is the virtqueue window at ``mem_offset``; there
-  is no BAR2, so ``shmem`` refuses.
+  is no BAR2, so ``shmem`` refuses. The device names the window and does not open it
+  (``backends/`` sits below ``memory/``): ``memory.open_window(dev.mem,
+  mem_offset=dev.mem_offset)`` is the ``FileWindow`` over it.
 
 A peer that disconnects is not an error: a listener accepts the next one (a restarted QEMU),
 a connected end keeps its files and drops doorbells (requests then time out, as on a bus
@@ -198,8 +200,9 @@ class LinuxUserDevice(IvshmemDevice):
             ``x-virtio-msg`` machine) and open its files.
         bus_name: QEMU's ``name=`` property: the queue files are ``queue-<name>-*``.
         queue_dir: where the queue files are (QEMU's working directory).
-        mem: the driver's RAM file (QEMU's ``mem-path``), the virtqueue window; optional.
-        mem_offset: the driver address of ``mem``'s first byte.
+        mem: the driver's RAM file (QEMU's ``mem-path``), the virtqueue window; optional,
+            kept as ``self.mem`` for ``memory.open_window``.
+        mem_offset: the driver address of ``mem``'s first byte (``self.mem_offset``).
         timeout: seconds to connect.
 
     Raises:
