@@ -250,10 +250,14 @@ def test_a_listener_replaces_a_stale_socket_and_removes_its_own(tmp_path: Path) 
 def test_a_listener_refuses_a_live_socket_and_a_non_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "vmsg.sock")
     with LinuxUserDevice(path, listen=True, queue_dir=tmp_path):
+        drv, _dev = queue_file_paths(tmp_path, "linux-user")
+        write_index(drv, 3, 1)  # the live link's messages in flight
         before = open_fds()
         with pytest.raises(LinuxUserError, match=r"^socket .* is in use: another end listens"):
-            LinuxUserDevice(path, listen=True, queue_dir=tmp_path / "..")
+            LinuxUserDevice(path, listen=True, queue_dir=tmp_path)
         assert open_fds() == before
+        with open(drv, "rb") as f:
+            assert struct.unpack("<I", f.read(4)) == (3,)  # not zeroed under the live end
     other = tmp_path / "not-a-socket"
     other.write_text("x")
     with pytest.raises(LinuxUserError, match=r"exists and is not a socket: remove it"):

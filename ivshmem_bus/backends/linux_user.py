@@ -236,7 +236,8 @@ class LinuxUserDevice(IvshmemDevice):
         self._words = MmapWords(bytearray(BAR0_SIZE))  # no BAR0: IVPosition reads 0
         self.regs = Bar0(self._words)
         try:
-            if listen:  # files first: they are zeroed before anyone can connect
+            if listen:  # a live listener's files are not ours to zero; then the files,
+                self._check_socket_path()  # zeroed before anyone can connect
                 self._files = QueueFiles(queue_dir, bus_name, create=True)
                 self._listen()
             else:  # socket first: no QEMU is the likelier fault than its files
@@ -249,24 +250,28 @@ class LinuxUserDevice(IvshmemDevice):
 
     # Socket -------------------------------------------------------------------------------------
 
-    def _listen(self) -> None:
+    def _check_socket_path(self) -> None:
+        """Refuse a path that is not a socket or that a live end listens on; remove a stale
+        socket of an earlier run."""
         path = self._path
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise LinuxUserError(
-                    path, f"{path} exists and is not a socket: remove it or choose another path"
-                )
-            if _listening(path):
-                raise LinuxUserError(
-                    path,
-                    f"socket {path} is in use: another end listens on it; stop it or choose "
-                    f"another path",
-                )
-            os.unlink(path)  # a stale socket of an earlier run
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise LinuxUserError(
+                path, f"{path} exists and is not a socket: remove it or choose another path"
+            )
+        if _listening(path):
+            raise LinuxUserError(
+                path,
+                f"socket {path} is in use: another end listens on it; stop it or choose "
+                f"another path",
+            )
+        os.unlink(path)  # a stale socket of an earlier run
+
+    def _listen(self) -> None:
+        path = self._path
         server = self._server = socket.socket(
             socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
