@@ -493,3 +493,21 @@ def test_link_commands_fail_in_one_line_exit_1(tmp_path: Path, setup: str, expec
     finally:
         if listener is not None:
             listener.close()
+
+
+def test_serve_and_monitor_refuse_bad_files_in_one_line(tmp_path: Path) -> None:
+    drv, dev = queue_file_paths(tmp_path, "linux-user")
+    out = cli("monitor", "--linux-user", "vmsg.sock", "--count", "1", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr == (
+        "ivshmem-bus: error: queue file ./queue-linux-user-driver does not exist: start QEMU "
+        "first (it creates its queue files in its working directory), or name that directory "
+        "with --queue-dir\n"
+    )
+    Path(drv).write_bytes(bytes(100))
+    Path(dev).write_bytes(bytes(QUEUE_FILE_SIZE))
+    out = cli("serve", "--linux-user", "vmsg.sock", cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.startswith("ivshmem-bus: error: queue file ./queue-linux-user-driver is 100")
+    assert out.stderr.count("\n") == 1
+    assert not (tmp_path / "vmsg.sock").exists()  # refused before listening
