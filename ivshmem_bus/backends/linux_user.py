@@ -323,8 +323,16 @@ class LinuxUserDevice(IvshmemDevice):
     # Device interface ---------------------------------------------------------------------------
 
     def _ring(self, peer: int, vector: int, value: int) -> None:
-        """One 0xED byte to the one peer; ``peer`` and ``vector`` mean nothing here."""
-        self._accept()
+        """One 0xED byte to the one peer; ``peer`` and ``vector`` mean nothing here.
+
+        The peer's doorbells that arrived meanwhile are read first. A bus that finds its
+        messages while spinning never sleeps, so never reads them in ``wait``: unlike an
+        eventfd counter, unread bytes fill the socket until the peer's writes block (QEMU's
+        would, or lose the doorbell). Taking them here loses no wake-up: the peer publishes
+        a message before its byte, and the bus looks at its queue after every send before it
+        sleeps.
+        """
+        self._read_vector(-1)
         conn = self._conn
         if conn is None:
             return  # nobody attached: as on ivshmem, a doorbell to an absent peer is dropped
@@ -346,7 +354,7 @@ class LinuxUserDevice(IvshmemDevice):
 
     def _read_vector(self, fd: int) -> int:
         """Take a connecting peer and every doorbell byte waiting, 128 at a time: how many
-        bytes (0: none; EOF drops the peer)."""
+        bytes (0: none; EOF drops the peer). ``fd`` is our one vector fd (or -1)."""
         self._accept()
         got = 0
         for _ in range(MAX_READS):
