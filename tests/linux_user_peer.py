@@ -401,8 +401,8 @@ def run_driver(args: argparse.Namespace) -> int:
         return ABORT_STATUS
     finally:
         sock.close()
-        for _mapping, ring in maps:
-            ring.release()
+        for _mapping, queue in maps:
+            queue.release()
     out["worst_response_us"] = round(worst * 1e6, 1)
     out["doorbells_blocked"] = blocked
     print(json.dumps(out), flush=True)

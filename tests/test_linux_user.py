@@ -533,3 +533,54 @@ def test_serve_and_monitor_refuse_bad_files_in_one_line(tmp_path: Path) -> None:
     assert out.stderr.startswith("ivshmem-bus: error: queue file ./queue-linux-user-driver is 100")
     assert out.stderr.count("\n") == 1
     assert not (tmp_path / "vmsg.sock").exists()  # refused before listening
+
+
+def test_entropy_through_the_ram_file_with_the_virtqueue_core(tmp_path: Path) -> None:
+    """The data path on the linux-user bus, below any rng driver: a split virtqueue in the
+    RAM file at mem-offset, SET_VQUEUE and EVENT_AVAIL over the queue files; the QEMU-like
+    device fills every buffer from its known stream and answers EVENT_USED."""
+    from ivshmem_bus.core.virtqueue import DriverQueue, VirtqLayout
+    from ivshmem_bus.memory import FileWindow
+
+    from .linux_user_peer import entropy_stream
+
+    base, chunk, count = 0x40000000, 65536, 6
+    with (tmp_path / "vm-ram").open("wb") as f:
+        f.truncate(1 << 20)
+    peer = Peer(tmp_path, "device", "--mem", "vm-ram")
+    try:
+        peer.wait_for("listening on")
+        with (
+            LinuxUserDevice(str(tmp_path / "vmsg.sock"), queue_dir=tmp_path) as dev,
+            VirtioMsgBus(dev, "driver", 0) as bus,
+            FileWindow(tmp_path / "vm-ram", base) as window,
+        ):
+            for status in (1, 3):
+                bus.request(protocol.SetDeviceStatus(status=status))
+            bus.request(protocol.SetFeatures(index=0, num=2, features=1 << 32))
+            bus.request(protocol.SetDeviceStatus(status=11))
+            layout = VirtqLayout.packed_at(base + 0x1000, 64)
+            vq = DriverQueue(window, 0, layout)
+            bus.request(
+                protocol.SetVqueue(
+                    index=0, size=64, descriptor_addr=layout.desc_addr,
+                    driver_addr=layout.avail_addr, device_addr=layout.used_addr,
+                )
+            )  # fmt: skip
+            bufs = [base + 0x10000 + i * chunk for i in range(count)]
+            for i, addr in enumerate(bufs):
+                vq.add([], [(addr, chunk)], i)
+            assert vq.publish()
+            bus.send(protocol.EventAvail(index=0, next_offset_wrap=0))
+            event = bus.receive(10.0)
+            assert isinstance(event, protocol.EventUsed) and event.index == 0
+            used = vq.reap()
+            views = [window.view(bufs[int(str(token))], n) for token, n in used]
+            got = b"".join(bytes(v) for v in views)
+            for v in views:
+                v.release()
+            vq.release()
+    finally:
+        peer.stop()
+    assert [(token, n) for token, n in used] == [(i, chunk) for i in range(count)]
+    assert got == entropy_stream(0, count * chunk)
