@@ -19,7 +19,7 @@ doorbells. A host program with this backend is either end of it: the driver of Q
   single peer, present or not yet connected), ``vmid`` is 0, and ``ring(peer)`` ignores
   ``peer`` and ``vector``: every doorbell goes to the one peer.
 - Memory: the driver's RAM file (``mem``) is the virtqueue window at ``mem_offset``; there
-  is no BAR2, so ``shmem`` refuses. The device names the window and does not open it
+  is no BAR2, so ``shmem`` is empty. The device names the window and does not open it
   (``backends/`` sits below ``memory/``): ``memory.open_window(dev.mem,
   mem_offset=dev.mem_offset)`` is the ``FileWindow`` over it.
 
@@ -423,10 +423,9 @@ class LinuxUserDevice(IvshmemDevice):
 
     @property
     def shmem(self) -> memoryview:
-        raise ValueError(
-            f"{self.name} has no BAR2: its queues are files (message_queues()) and its "
-            f"memory is the --mem file (window())"
-        )
+        """Empty: no BAR2 (the queues are files, the memory is ``mem``), so code that sizes
+        BAR2 for a pool finds no room rather than failing."""
+        return memoryview(bytearray())
 
     @property
     def name(self) -> str:
