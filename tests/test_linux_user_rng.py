@@ -17,20 +17,11 @@ import pytest
 
 from ivshmem_bus.backends.linux_user import LinuxUserDevice
 from ivshmem_bus.bus import VirtioMsgBus
+from ivshmem_bus.drivers import RngDriver, VirtioMsgDriver
 from ivshmem_bus.memory import FileWindow
 
-# The rng command and the Python drivers come with the data path (cli/data.py, drivers/);
-# until the rng command puts its queues in --linux-user's RAM file these wait, skipped.
-_data = pytest.importorskip("ivshmem_bus.cli.data", reason="no rng command (data path) yet")
-if not hasattr(_data, "_driver_window"):
-    pytest.skip(
-        "the rng command does not use --linux-user's RAM file yet (cli/data.py)",
-        allow_module_level=True,
-    )
-from ivshmem_bus.drivers import RngDriver, VirtioMsgDriver  # type: ignore[import-not-found]  # noqa: E402
-
-from .linux_user_peer import entropy_stream  # noqa: E402
-from .test_linux_user import ROOT, Peer, cli, open_fds  # noqa: E402
+from .linux_user_peer import entropy_stream
+from .test_linux_user import ROOT, Peer, cli, open_fds
 
 RAM = 16 << 20
 
