@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 BAR2 holds two SPSC queues (docs/wire-format.md §3): the driver queue at 0x0000 carries
-driver -> device messages, the device queue at 0x1000 device -> driver. The driver role
+driver -> device messages, the device queue at 0x1000 device -> driver (the device's
+``message_queues``: the linux-user backend's are two files). The driver role
 produces on the first and consumes the second; the device role the reverse. The side that
 starts first may pass ``reset_queues=True`` to zero both (8 KiB) before the other attaches.
 
@@ -95,10 +96,10 @@ class BusStats:
 
 
 def reset_queues_of(device: IvshmemDevice) -> None:
-    """Empty both queues (8 KiB of BAR2): only before the peer attaches ("reset-queues")."""
-    shm = device.shmem
-    for offset in (DRIVER_QUEUE_OFFSET, DEVICE_QUEUE_OFFSET):
-        with shm[offset : offset + QUEUE_SIZE] as region:
+    """Empty both queues (8 KiB of BAR2 on ivshmem; the backend's ``message_queues``): only
+    before the peer attaches ("reset-queues")."""
+    for region in device.message_queues():
+        with region:
             reset_queue(region)
 
 
@@ -166,17 +167,10 @@ class VirtioMsgBus:
                 f"{device.name}: coalesce=True needs a StoreLoad fence, which only the compiled "
                 "helper has (install a C compiler and reinstall ivshmem-bus), or coalesce=False"
             )
-        shm = device.shmem
-        need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
-        if len(shm) < need:
-            raise ValueError(f"{device.name}: BAR2 is {len(shm)} bytes; the bus needs {need}")
         if reset_queues:
             reset_queues_of(device)
         fence, blocks = device.fence, device.queue_blocks
-        regions = [
-            shm[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE],
-            shm[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE],
-        ]
+        regions = list(device.message_queues())  # BAR2 0x0000/0x1000 on ivshmem
         queues: list[SpscQueue] = []
         try:
             for region in regions:

@@ -21,6 +21,7 @@ __all__ = [
     "DeviceNotFound",
     "DriverError",
     "IvshmemBusError",
+    "LinuxUserError",
     "MemoryFileError",
     "MonitorError",
     "PciError",
@@ -118,6 +119,19 @@ class BarTooSmall(IvshmemBusError):
 
 class MonitorError(IvshmemBusError):
     """``monitor`` cannot tap the link: the shared memory or the pcap file (named, with the fix)."""
+
+
+class LinuxUserError(IvshmemBusError):
+    """A linux-user bus end could not open: its queue files (missing, stale, wrong size) or
+    its chardev socket (missing, nobody listening, in use). The message names the fix.
+
+    Attributes:
+        path: the file or socket concerned.
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class ServerClientError(IvshmemBusError):

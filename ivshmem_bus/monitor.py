@@ -133,23 +133,37 @@ class LinkTap:
         MonitorError: the memory is smaller than the two queues (8 KiB).
     """
 
-    def __init__(self, shmem: memoryview | bytes, profile: str = "qemu-v0") -> None:
+    def __init__(
+        self,
+        shmem: memoryview | bytes | None,
+        profile: str = "qemu-v0",
+        *,
+        queues: tuple[memoryview, memoryview] | None = None,
+    ) -> None:
+        """Tap BAR2's two queues (0x0000 and 0x1000), or ``queues`` (driver -> device,
+        device -> driver: a backend's ``message_queues()``, the linux-user bus's files)."""
         if profile not in protocol.PROFILES:
             raise ValueError(f"unknown profile {profile!r}")
-        view = memoryview(shmem).cast("B")
-        need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
-        if (size := len(view)) < need:
-            view.release()
-            raise MonitorError(
-                f"the shared memory is {size} bytes; a link needs "
-                f"{need} (two 4 KiB queues): is this the server's -m file?"
+        if (shmem is None) == (queues is None):
+            raise ValueError("give the shared memory or the two queue regions, not both")
+        view: memoryview | None = None
+        if queues is None:
+            assert shmem is not None
+            view = memoryview(shmem).cast("B")
+            need = DEVICE_QUEUE_OFFSET + QUEUE_SIZE
+            if (size := len(view)) < need:
+                view.release()
+                raise MonitorError(
+                    f"the shared memory is {size} bytes; a link needs "
+                    f"{need} (two 4 KiB queues): is this the server's -m file?"
+                )
+            queues = (
+                view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE],
+                view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE],
             )
         self.profile = profile
         self._view = view
-        self.taps = (
-            QueueTap(view[DRIVER_QUEUE_OFFSET : DRIVER_QUEUE_OFFSET + QUEUE_SIZE]),
-            QueueTap(view[DEVICE_QUEUE_OFFSET : DEVICE_QUEUE_OFFSET + QUEUE_SIZE]),
-        )
+        self.taps = (QueueTap(queues[0]), QueueTap(queues[1]))
 
     def poll(self) -> list[Seen]:
         now = time.time()
@@ -185,7 +199,8 @@ class LinkTap:
     def release(self) -> None:
         for tap in self.taps:
             tap.release()
-        self._view.release()
+        if self._view is not None:
+            self._view.release()
 
     def __enter__(self) -> LinkTap:
         return self

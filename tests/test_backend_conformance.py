@@ -3,8 +3,9 @@
 Each backend is opened as a ``Rig``: the device under test, a way to make a doorbell arrive
 on it (``poke``), and a way to see that a doorbell it rang reached its peer (``rang``). The
 same tests then run on the fake pair, a client of an ivshmem server, VFIO over the fake
-kernel with MSI-X, and VFIO over the fake kernel with the INTx fallback. A new backend is
-one more rig here.
+kernel with MSI-X, VFIO over the fake kernel with the INTx fallback, and both ends of a
+linux-user bus (the listening one and the connecting one). A new backend is one more rig
+here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 
 from ivshmem_bus.backends.base import IvshmemDevice
 from ivshmem_bus.backends.fake import fake_pair
+from ivshmem_bus.backends.linux_user import LinuxUserDevice
 from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.core import protocol
@@ -82,7 +84,19 @@ def _vfio(tmp_path, stack: ExitStack, *, msix: int) -> Rig:
     return Rig(dev, 7, poke, rang, stack, kernel=kernel, vectors=msix or 1)
 
 
+def _linux_user(tmp_path, stack: ExitStack, *, dut_listens: bool) -> Rig:
+    sock = str(tmp_path / "vmsg.sock")
+    listener = LinuxUserDevice(sock, listen=True, queue_dir=tmp_path)
+    stack.callback(listener.close)
+    client = LinuxUserDevice(sock, queue_dir=tmp_path)
+    stack.callback(client.close)
+    a, b = (listener, client) if dut_listens else (client, listener)
+    return Rig(a, 0, lambda v: b.ring(0, v), lambda v: v in b.wait(2.0), stack, vectors=1)
+
+
 RIGS: dict[str, Callable[..., Rig]] = {
+    "linux-user-listen": lambda t, s: _linux_user(t, s, dut_listens=True),
+    "linux-user-connect": lambda t, s: _linux_user(t, s, dut_listens=False),
     "fake": _fake,
     "server-client": _server,
     "vfio-msix": lambda t, s: _vfio(t, s, msix=2),
@@ -156,7 +170,7 @@ def test_a_message_without_its_doorbell_is_found_by_the_poll(rig: Rig) -> None:
     counts the doorbell that never came."""
     reset_queues_of(rig.dut)
     with VirtioMsgBus(rig.dut, "device", rig.peer_vmid, poll_interval=0.02) as bus:
-        rx = SpscQueue(rig.dut.shmem[0:0x1000])  # the driver->device queue, as the peer
+        rx = SpscQueue(rig.dut.message_queues()[0])  # the driver->device queue, as the peer
         late = threading.Timer(0.05, rx.put, [protocol.encode(protocol.DeviceInfo())])
         late.start()  # while the bus sleeps, and no doorbell
         try:

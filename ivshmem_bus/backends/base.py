@@ -79,7 +79,7 @@ class IvshmemDevice(abc.ABC):
             time.sleep(timeout)
             return fired
         ready = self._poller().poll(-1 if timeout is None else timeout)
-        fired = {fds.index(fd) for fd, _events in ready if _read_eventfd(fd)}
+        fired = {fds.index(fd) for fd, _events in ready if self._read_vector(fd)}
         if fired:
             self._after_doorbells(fired)
         return fired
@@ -94,6 +94,12 @@ class IvshmemDevice(abc.ABC):
         (VFIO INTx clears IntrStatus and unmasks here: INTx is automasked after each
         interrupt, and a path that forgot it would never be woken again)."""
         del fired
+
+    def _read_vector(self, fd: int) -> int:
+        """Hook: take what has fired on one vector fd without blocking; nonzero if it had.
+        An eventfd's counter here; the linux-user bus's one "vector" is its socket (the
+        doorbell bytes), so it reads that instead."""
+        return _read_eventfd(fd)
 
     def _poller(self) -> select.epoll:
         """One epoll over the vector fds, kept for the device's life (a new selector per
@@ -174,10 +180,26 @@ class IvshmemDevice(abc.ABC):
     @final
     def drain(self) -> set[int]:
         """Read every vector's eventfd without blocking; the vectors that had fired."""
-        fired = {v for v, fd in enumerate(self.vector_fds()) if _read_eventfd(fd)}
+        fired = {v for v, fd in enumerate(self.vector_fds()) if self._read_vector(fd)}
         if fired:
             self._after_doorbells(fired)
         return fired
+
+    def message_queues(self) -> tuple[memoryview, memoryview]:
+        """The bus's two queue regions: (driver -> device, device -> driver).
+
+        On ivshmem they are 4 KiB each at BAR2 offsets 0x0000 and 0x1000 (wire-format.md
+        section 3; ``bus.DRIVER_QUEUE_OFFSET`` and the rest name the same numbers); a backend
+        whose queues live elsewhere (the linux-user bus: two files) overrides this. The
+        caller releases both views.
+
+        Raises:
+            ValueError: BAR2 is smaller than the two queues.
+        """
+        shm, size = self.shmem, 0x1000
+        if len(shm) < 2 * size:
+            raise ValueError(f"{self.name}: BAR2 is {len(shm)} bytes; the bus needs {2 * size}")
+        return shm[0:size], shm[size : 2 * size]
 
     def peers(self) -> set[int] | None:
         """The other peers' ids when the backend knows them (server client), else None."""

@@ -103,13 +103,20 @@ def _size_arg(text: str) -> str:
     return text
 
 
-def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> None:
+def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True, mem: bool = True) -> None:
+    """The backend options; ``mem=False`` leaves ``--mem``/``--mem-offset`` to a command that
+    defines its own memory window (serve's, with the data path)."""
     where = p.add_mutually_exclusive_group()
     where.add_argument("--server", metavar="PATH", help="join the ivshmem server at PATH")
     where.add_argument("--device", metavar="BDF", help="a VFIO-bound ivshmem PCI function")
     where.add_argument(
         "--fake", metavar="DIR", help="a fake fabric in DIR (the default without ivshmem hardware)"
     )
+    where.add_argument(
+        "--linux-user", metavar="SOCKET",
+        help="QEMU's linux-user bus, its chardev socket (serve listens, the others connect)",
+    )  # fmt: skip
+    _add_linux_user_options(p, mem=mem)
     p.add_argument("--vectors", type=_vectors, default=1, help="vectors the server gives (-n)")
     p.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     if remote:
@@ -125,6 +132,43 @@ def _add_backend_args(p: argparse.ArgumentParser, *, remote: bool = True) -> Non
             help="ring the peer only when it may be asleep (both ends ivshmem-bus, not QEMU; "
             "needs the compiled helper)",
         )  # fmt: skip
+
+
+def _mem_offset_arg(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address (0x40000000)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _add_linux_user_options(p: argparse.ArgumentParser, *, mem: bool = True) -> None:
+    """The linux-user bus's options (linux-user-bus.md; defaults as the seed's QEMU)."""
+    g = p.add_argument_group("linux-user bus (with --linux-user)")
+    g.add_argument(
+        "--bus-name",
+        default="linux-user",
+        metavar="NAME",
+        help="QEMU's name=: the queue files are queue-NAME-driver/-device",
+    )
+    g.add_argument(
+        "--queue-dir",
+        default=".",
+        metavar="DIR",
+        help="where the queue files are (QEMU's working directory; default: here)",
+    )
+    if not mem:
+        return
+    g.add_argument("--mem", metavar="FILE", help="the driver's RAM file (QEMU's mem-path)")
+    g.add_argument(
+        "--mem-offset",
+        type=_mem_offset_arg,
+        default=0x40000000,
+        metavar="N",
+        help="driver address of the RAM file's first byte (default 0x40000000)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     server.set_defaults(func=cmd_server)
 
     serve = sub.add_parser("serve", help="run the Python virtio-msg device (device role)")
-    _add_backend_args(serve)
+    _add_backend_args(serve, mem=False)  # its --mem and --mem-offset: add_serve_args
     add_serve_args(serve)
     serve.add_argument(
         "--wait",
@@ -232,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="zero the queues at start (the default except with --profile linux-v0)",
     )
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, listen=True)  # --linux-user: QEMU's driver connects
 
     probe = sub.add_parser("probe", help="describe the remote virtio-msg device (driver role)")
     _add_backend_args(probe)
@@ -254,6 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--server", metavar="PATH", help="take BAR2 from this server, then hang up")
     src.add_argument("--fake", metavar="DIR", help="the fake fabric in DIR (the default)")
     src.add_argument("--shm", metavar="FILE", help="a shared-memory file (the server's -m)")
+    src.add_argument(
+        "--linux-user", metavar="SOCKET",
+        help="QEMU's linux-user bus: its queue files, read-only (the socket is not touched)",
+    )  # fmt: skip
+    _add_linux_user_options(monitor)
     monitor.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
     monitor.add_argument("--pcap", metavar="FILE", help="also write a pcap (tools/virtio-msg.lua)")
     monitor.add_argument("--count", type=_number(int, 0), default=0, help="stop after N messages")

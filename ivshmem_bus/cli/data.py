@@ -22,7 +22,7 @@ from ..devices.hostio import FdIO, HostIO, PtyIO, SocketIO
 
 if TYPE_CHECKING:
     from ..drivers import VirtioMsgDriver
-    from ..memory import PoolWindow
+    from ..memory import FileWindow, PlainWindow, PoolWindow
 
 __all__ = ["add_data_commands", "add_serve_args", "cmd_console", "cmd_rng", "served_device"]
 
@@ -80,8 +80,9 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
         "message queues, default), the BDF of an ivshmem-plain function, or a file",
     )  # fmt: skip
     serve.add_argument(
-        "--mem-offset", type=_offset_arg, default=0, metavar="N",
-        help="the driver address of the window's first byte (BDF or file windows)",
+        "--mem-offset", type=_offset_arg, default=None, metavar="N",
+        help="the driver address of the window's first byte (BDF or file windows; default "
+        "0x40000000 with --linux-user, else 0)",
     )  # fmt: skip
     host = serve.add_mutually_exclusive_group()
     host.add_argument("--console-socket", metavar="PATH", help="console: a UNIX socket to attach")
@@ -117,21 +118,39 @@ def add_data_commands(
 
 
 @contextlib.contextmanager
-def _driver_link(args: argparse.Namespace) -> Iterator[tuple[VirtioMsgDriver, PoolWindow]]:
-    """(transport driver, pool window) on the backend the options name."""
+def _driver_link(
+    args: argparse.Namespace,
+) -> Iterator[tuple[VirtioMsgDriver, PoolWindow | PlainWindow | FileWindow]]:
+    """(transport driver, the driver's window) on the backend the options name."""
     from ..backends.peers import resolve_remote_vmid
     from ..bus import VirtioMsgBus
     from ..drivers import VirtioMsgDriver
-    from ..memory import open_window
     from .link import _backend
 
     with _backend(args) as dev:
         remote = resolve_remote_vmid(dev, args.remote_vmid)
         with (
             VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
-            open_window("pool", device=dev, role="driver") as window,
+            _driver_window(args, dev) as window,
         ):
             yield VirtioMsgDriver(bus, timeout=args.timeout), window
+
+
+def _driver_window(
+    args: argparse.Namespace, dev: IvshmemDevice
+) -> PoolWindow | PlainWindow | FileWindow:
+    """Where the Python driver puts its queues and buffers: the pool in the doorbell
+    device's BAR2, or on the linux-user bus (no BAR2) the RAM file ``--mem`` names."""
+    from ..memory import open_window
+
+    if getattr(args, "linux_user", None):
+        if not args.mem:
+            raise ValueError(
+                "--linux-user has no BAR2 for the driver's queues: name the RAM file the "
+                "device maps with --mem FILE (QEMU's mem-path)"
+            )
+        return open_window(args.mem, mem_offset=args.mem_offset, role="driver")
+    return open_window("pool", device=dev, role="driver")
 
 
 def cmd_rng(args: argparse.Namespace) -> int:
@@ -203,11 +222,19 @@ def served_device(args: argparse.Namespace, dev: IvshmemDevice) -> Iterator[list
     if "console" not in args.device_type and (args.console_socket or args.console_pty):
         raise ValueError("--console-socket and --console-pty are for --device-type console")
     with contextlib.ExitStack() as stack:
-        window = open_window(
-            args.mem, device=dev, mem_offset=args.mem_offset, role="device",
-            sysfs=args.sysfs, dev=args.dev,
-        )  # fmt: skip
-        stack.callback(window.close)
+        linux_user = getattr(args, "linux_user", None)
+        offset = args.mem_offset
+        if offset is None:  # the seed's 0x40000000 on the linux-user bus; the pool's 0
+            offset = 0x40000000 if linux_user else 0
+        window = None
+        if linux_user and args.mem == "pool":  # no BAR2: without --mem FILE, probe-only
+            print(f"{dev.name}: no --mem FILE: answering the control plane only", flush=True)
+        else:
+            window = open_window(
+                args.mem, device=dev, mem_offset=offset, role="device",
+                sysfs=args.sysfs, dev=args.dev,
+            )  # fmt: skip
+            stack.callback(window.close)
         devices: list[VirtioMsgDevice] = []
         for name in args.device_type:
             device: VirtioMsgDevice

@@ -79,13 +79,16 @@ def _backend(args: argparse.Namespace) -> IvshmemDevice:
 
     _default_to_fake(args)
     return open_backend(
-        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors
-    )
+        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors,
+        linux_user=args.linux_user, listen=getattr(args, "listen", False),
+        bus_name=args.bus_name, queue_dir=args.queue_dir, mem=getattr(args, "mem", None),
+        mem_offset=getattr(args, "mem_offset", None),
+    )  # fmt: skip
 
 
 def _default_to_fake(args: argparse.Namespace) -> None:
     """No backend named: the fake device where no ivshmem hardware is present (said so)."""
-    if args.server or getattr(args, "device", None) or args.fake:
+    if args.server or getattr(args, "device", None) or args.fake or args.linux_user:
         return
     from ..backends.fabric import default_fake_dir
     from ..backends.vfio import pci
@@ -249,6 +252,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
 def cmd_monitor(args: argparse.Namespace) -> int:
     from ..monitor import PcapWriter, open_pcap, tap_fd
 
+    if args.linux_user:  # queue files, not one shared memory: mapped read-only here
+        return _monitor_linux_user(args)
     fd = _monitor_fd(args)
     try:
         with tap_fd(fd, args.profile, args.shm or args.server or args.fake) as tap:
@@ -282,3 +287,19 @@ def _monitor_fd(args: argparse.Namespace) -> int:
     if not args.server:
         _default_to_fake(args)
     return fetch_shared_memory(args.server or fake_socket(args.fake))
+
+
+def _monitor_linux_user(args: argparse.Namespace) -> int:
+    """``monitor --linux-user``: tap the two queue files; QEMU's chardev takes one client,
+    so the socket is left alone."""
+    from ..backends.linux_user import QueueFiles
+    from ..monitor import LinkTap
+
+    with (
+        QueueFiles(args.queue_dir, args.bus_name, readonly=True) as files,
+        LinkTap(None, args.profile, queues=files.message_queues()) as tap,
+    ):
+        stop = signals.stop_event()
+        for seen in tap.follow(args.interval, args.duration, stop=stop.is_set, count=args.count):
+            print(seen.describe(args.profile), flush=True)
+    return 0
