@@ -44,12 +44,11 @@ def test_tshark_decodes_the_monitor_capture(tmp_path, profile):
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     rows = [line.split("\t") for line in out.stdout.splitlines()]
-    vq_resp_size = 42 if profile == "qemu-v0" else 48
-    expected_token = "3" if profile == "spec-v1" else ""
+    spec = profile == "spec-v1"  # 8-byte header with a token; qemu-v0 and linux-v0 have 6
+    vq_resp_size = 48 if spec else 42
+    expected_token = "3" if spec else ""
     assert rows == [
-        ["0", "0x09", expected_token, "10" if profile == "qemu-v0" else "12",
-         "driver->device GET_VQUEUE"],
+        ["0", "0x09", expected_token, "12" if spec else "10", "driver->device GET_VQUEUE"],
         ["1", "0x09", expected_token, str(vq_resp_size), "device->driver GET_VQUEUE response"],
-        ["1", "0x42", "0" if profile == "spec-v1" else "", "10" if profile == "qemu-v0" else "12",
-         "device->driver EVENT_USED"],
+        ["1", "0x42", "0" if spec else "", "12" if spec else "10", "device->driver EVENT_USED"],
     ]  # fmt: skip

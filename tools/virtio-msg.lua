@@ -1,11 +1,12 @@
 -- Wireshark dissector for `ivshmem-bus monitor --pcap` captures (LINKTYPE_USER0, 147).
 --
 -- Each record: a 4-byte pseudo-header written by ivshmem_bus.monitor.PcapWriter
---   u8 direction (0 driver->device, 1 device->driver), u8 profile (0 qemu-v0, 1 spec-v1),
---   u16 reserved
+--   u8 direction (0 driver->device, 1 device->driver), u8 profile (0 qemu-v0, 1 spec-v1,
+--   2 linux-v0), u16 reserved
 -- then one virtio-msg message up to its msg_size (docs/wire-format.md §4.1, §5.1):
 --   qemu-v0: type u8, msg_id u8, dev_num u16, msg_size u16, payload (little-endian)
 --   spec-v1: type u8, msg_id u8, dev_num u16, token u16, msg_size u16, payload
+--   linux-v0: as qemu-v0, dev_num being the device on the bus (docs/wire-format.md §12)
 --
 -- Install: copy to ~/.local/lib/wireshark/plugins/ or run
 --   wireshark -X lua_script:tools/virtio-msg.lua capture.pcap
@@ -13,7 +14,7 @@
 local p = Proto("virtio_msg", "virtio-msg over ivshmem")
 
 local directions = { [0] = "driver->device", [1] = "device->driver" }
-local profiles = { [0] = "qemu-v0", [1] = "spec-v1" }
+local profiles = { [0] = "qemu-v0", [1] = "spec-v1", [2] = "linux-v0" }
 local transport_ids = {
   [0x02] = "DEVICE_INFO", [0x03] = "GET_FEATURES", [0x04] = "SET_FEATURES",
   [0x05] = "GET_CONFIG", [0x06] = "SET_CONFIG", [0x07] = "GET_DEVICE_STATUS",
