@@ -55,18 +55,29 @@ NEED = DEVICE_QUEUE_OFFSET + QUEUE_SIZE  # 8 KiB: the two queues
 
 
 def check_bar2(dev: IvshmemDevice, fix: str = "") -> None:
-    """Raise ``BarTooSmall`` (one line, naming the fix) when BAR2 cannot hold both queues."""
-    size = len(dev.shmem)
-    if size < NEED:
+    """Raise ``BarTooSmall`` (one line, naming the fix) when the device cannot give the bus its
+    two queues (on ivshmem: BAR2 under 8 KiB; the linux-user bus has its queue files)."""
+    try:
+        queues = dev.message_queues()
+    except ValueError:
         raise BarTooSmall(
-            f"{dev.name}: shared memory is {size} bytes; the bus needs {NEED} (two 4 KiB "
-            f"queues): {fix or 'give the ivshmem server or device at least 8K'}"
-        )
+            f"{dev.name}: shared memory is {len(dev.shmem)} bytes; the bus needs {NEED} (two "
+            f"4 KiB queues): {fix or 'give the ivshmem server or device at least 8K'}"
+        ) from None
+    for region in queues:
+        region.release()
 
 
 def _word(dev: IvshmemDevice, role: Role) -> memoryview:
-    off = _TX[role] + CLAIM_OFFSET
-    return dev.shmem[off : off + 4].cast("I")
+    """The claim word of the queue ``role`` produces on, wherever the backend keeps its queues
+    (``message_queues``: BAR2 on ivshmem, the queue files on the linux-user bus)."""
+    tx, rx = dev.message_queues()
+    mine, other = (tx, rx) if role == "driver" else (rx, tx)
+    try:
+        return mine[CLAIM_OFFSET : CLAIM_OFFSET + 4].cast("I")
+    finally:
+        mine.release()
+        other.release()
 
 
 def claim_of(dev: IvshmemDevice, role: Role) -> int | None:

@@ -162,8 +162,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # linux-v0: the driver may have queued its GET_DEVICES before we start (it must be
     # answered), and a restarted device side must pick up the queues where they are.
     reset = args.reset_queues if args.reset_queues is not None else args.profile != "linux-v0"
+    from ..ownership import check_bar2
+
     with _backend(args) as dev:
         check_linux_vmid(dev, args.profile)
+        check_bar2(dev, _bar_fix(args))  # before the device's window needs BAR2's pool
         with args.served_device(args, dev) as devices:  # cli.data's
             stop = signals.stop_event()  # from here on a signal ends the loop below cleanly
             for dev_id, device in enumerate(devices):
