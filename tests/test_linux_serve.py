@@ -105,7 +105,7 @@ def test_serve_rng_and_console_to_the_linux_like_driver(tmp_path, server):
         out.seek(0)
         log = out.read().decode()
         out.close()
-    assert "serving virtio rng (id 4) at dev_id 0, console (id 3) at dev_id 1 to vmid 1" in log
+    assert "serving virtio rng (id 4) at dev_id 0, console (id 3) at dev_id 1 (linux-v0)" in log
     assert "dev_id 1 driver status ACKNOWLEDGE|DRIVER|FEATURES_OK -> " in log
     assert "unknown_dev=1" in log
 

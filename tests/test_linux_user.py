@@ -433,9 +433,9 @@ def test_serve_command_answers_a_qemu_like_driver_within_its_deadline(tmp_path: 
     try:
         assert serve.stdout is not None
         lines = [serve.stdout.readline()]
-        while lines[-1] and not lines[-1].startswith("serving"):
+        while lines[-1] and "serving virtio" not in lines[-1]:
             lines.append(serve.stdout.readline())
-        assert lines[-1].startswith("serving virtio rng (id 4) to vmid 0"), lines
+        assert ": vmid 0; serving virtio rng (id 4) (qemu-v0)" in lines[-1], lines
         assert os.path.getsize(tmp_path / "queue-linux-user-driver") == QUEUE_FILE_SIZE
         # QEMU's own response loop (1024 polls, then abort); the peer reports the slowest
         # response it saw

@@ -69,8 +69,12 @@ def test_a_dead_owners_claim_expires(fabric):
 
 @given(st.integers(0, 0xFFFFFFFF))
 def test_only_the_claim_pattern_reads_as_a_claim(value):
-    class Shm:
+    class Shm:  # the one thing claims use: the two queue regions (BAR2 0x0000 and 0x1000)
         shmem = memoryview(bytearray(0x2000))
+
+        @classmethod
+        def message_queues(cls) -> tuple[memoryview, memoryview]:
+            return cls.shmem[:0x1000], cls.shmem[0x1000:]
 
     struct.pack_into("<I", Shm.shmem, 0x1004, value)
     got = ownership.claim_of(Shm, "device")  # type: ignore[arg-type]
