@@ -24,6 +24,7 @@ import queue
 import select
 import socket
 import threading
+import time
 
 __all__ = ["CHUNK", "DEPTH", "FdIO", "HostIO", "MemoryIO", "PtyIO", "SocketIO"]
 
@@ -197,6 +198,13 @@ class PtyIO(FdIO):
             os.close(fd)
 
 
+def _peer_gone(conn: socket.socket) -> bool:
+    """True when the client has hung up (its end closed), without reading its input."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP) for _fd, ev in poller.poll(0))
+
+
 class SocketIO(HostIO):
     """A listening UNIX socket; one client at a time (``socat - UNIX-CONNECT:PATH``).
 
@@ -244,6 +252,9 @@ class SocketIO(HostIO):
             if not self._have_client.wait(_TICK):
                 continue
             conn = self._client
+            if conn is not None and _peer_gone(conn):  # it left and the reader has not seen it
+                time.sleep(0.001)  # yet: a send now would vanish with the connection
+                continue
             try:
                 if conn is not None:
                     conn.sendall(pending)
