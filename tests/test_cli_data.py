@@ -170,6 +170,9 @@ def test_console_bytes_both_ways_through_the_commands(tmp_path, fabric):
     finally:
         os.close(host_w)
         assert serve.stop() == 0
+    # the last lines (the stop and the bus's counters) are the command's own: stderr, too
+    assert serve.out.read_bytes() == b"from the driver\n"
+    assert b"stopped after " in serve.err.read_bytes()
 
 
 def test_console_over_a_unix_socket(tmp_path, fabric):

@@ -185,9 +185,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ready=f"{dev.name}: vmid {dev.vmid}; serving virtio {what} ({args.profile}); "
                 "waiting for the driver's peer; Ctrl-C stops",
             )  # fmt: skip
-    if result.hub_stats is not None:
-        _say(f"hub: {result.hub_stats}")
-    _say(f"stopped after {result.handled} messages; {result.stats}")
+            # said here, while a stdio console's stdout still carries only its bytes
+            if result.hub_stats is not None:
+                _say(f"hub: {result.hub_stats}")
+            _say(f"stopped after {result.handled} messages; {result.stats}")
     return 0
 
 
