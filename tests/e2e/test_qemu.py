@@ -337,21 +337,22 @@ def test_rng_driver_in_b_reads_the_source_of_the_device_in_a(cluster: Cluster, t
 def test_request_sent_before_the_device_side_opened_is_answered(request, cluster: Cluster, timing):
     """The driver rings before the device side has MSI-X on (that doorbell is lost): the
     serving side must still find the request in its queue, well before the driver re-rings
-    (halfway through its 90 s timeout)."""
+    (halfway through its 240 s timeout: far enough that a guest slowed by a loaded host, whose
+    serve takes tens of seconds to start, is still told apart from a re-ring)."""
     ensure_bound(cluster)
     va, vb = expected_vmids(cluster)["a"], expected_vmids(cluster)["b"]
     with host_peer(cluster) as host:
         host.shmem[0:0x2000] = bytes(0x2000)  # both queues empty; nobody is attached
     t0 = time.monotonic()
-    probe = cluster["b"].submit(f"{CLI} probe --device {BDF} --remote-vmid {va} --timeout 90")
+    probe = cluster["b"].submit(f"{CLI} probe --device {BDF} --remote-vmid {va} --timeout 240")
     time.sleep(4.0)  # b's python starts, opens the device and sends (TCG: about 2 s)
     assert not probe.done(), probe.wait(1)
     serve = f"{CLI} serve --device {BDF} --remote-vmid {vb} --no-reset-queues"
     with spawned(cluster["a"], serve, "serving virtio"):
-        res = probe.wait(90).check()
+        res = probe.wait(240).check()
     elapsed = time.monotonic() - t0
     assert probe_description(res.stdout) == (va, "entropy", 4)
-    assert elapsed < 40, f"probe took {elapsed:.1f} s: answered only after the re-ring?"
+    assert elapsed < 100, f"probe took {elapsed:.1f} s: answered only after the re-ring?"
     timing["probe_total_s"] = round(elapsed, 2)
 
 
