@@ -228,7 +228,12 @@ class Device:
         if msg_id == GET_STATUS:
             return encode(resp, msg_id, struct.pack("<I", self.status))
         if msg_id == SET_STATUS:
-            (self.status,) = struct.unpack_from("<I", p.ljust(4, b"\0"))
+            (status,) = struct.unpack_from("<I", p.ljust(4, b"\0"))
+            # iommu_platform=on: a driver that did not accept ACCESS_PLATFORM is refused
+            # FEATURES_OK (the virtio spec lets a device fail to operate without it; QEMU does)
+            if status & 8 and not self.status & 8 and not self.driver_features >> 33 & 1:
+                status &= ~8
+            self.status = status
             if self.status == 0:
                 self.rng.reset()
                 self.driver_features = 0

@@ -62,7 +62,29 @@ def test_rng_as_a_library_through_a_file_window(tmp_path: Path, qemu_rng: Peer) 
         finally:
             rng.close()
     assert first + second == entropy_stream(0, 100_005)
+    # the device offers ACCESS_PLATFORM (iommu_platform=on) and refuses FEATURES_OK without it
+    assert rng.driver.features == (1 << 32) | (1 << 33)
     assert open_fds() == before
+
+
+def test_a_driver_that_leaves_out_access_platform_is_refused_features_ok(
+    tmp_path: Path, qemu_rng: Peer
+) -> None:
+    from ivshmem_bus.core.virtio import FAILED, VIRTIO_F_VERSION_1
+    from ivshmem_bus.errors import DriverError
+
+    with (
+        LinuxUserDevice(str(tmp_path / "vmsg.sock"), queue_dir=tmp_path) as dev,
+        VirtioMsgBus(dev, "driver", 0) as bus,
+    ):
+        driver = VirtioMsgDriver(bus, timeout=5.0)
+        with pytest.raises(DriverError) as err:
+            driver.negotiate(VIRTIO_F_VERSION_1)
+        assert str(err.value) == (
+            "device refused features 0x100000000 of 0x300000000 offered (status "
+            "ACKNOWLEDGE|DRIVER): it needs one the driver left out, or got one it does not offer"
+        )
+        assert driver.get_status() & FAILED  # the driver gave up on the device, as it must
 
 
 def test_rng_on_the_linux_user_bus_needs_the_ram_file(tmp_path: Path, qemu_rng: Peer) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "FEATURE_NAMES",
     "NEEDS_RESET",
     "STATUS_NAMES",
+    "VIRTIO_F_ACCESS_PLATFORM",
     "VIRTIO_F_VERSION_1",
     "VIRTIO_MSG_VENDOR_ID",
     "feature_names",
@@ -54,6 +55,11 @@ STATUS_NAMES: Final = {
     FEATURES_OK: "FEATURES_OK", NEEDS_RESET: "NEEDS_RESET", FAILED: "FAILED",
 }  # fmt: skip
 VIRTIO_F_VERSION_1: Final = 1 << 32
+# The device reaches the driver's buffers through a translation (the bus's window: BAR2, a
+# plain device, a RAM file at mem-offset), which is what every address of ours goes through.
+# A driver here accepts it whenever it is offered: QEMU's devices with iommu_platform=on (what
+# the linux-user bus needs) refuse FEATURES_OK to a driver that does not.
+VIRTIO_F_ACCESS_PLATFORM: Final = 1 << 33
 
 
 def feature_names(features: int) -> list[str]:

@@ -200,8 +200,9 @@ class VirtioMsgDriver:
         if not status & FEATURES_OK:
             self.set_status(status | FAILED)
             raise DriverError(
-                f"device refused features 0x{chosen:x} (status {status_names(status)}): "
-                "ask only for features it offers"
+                f"device refused features 0x{chosen:x} of 0x{offered:x} offered (status "
+                f"{status_names(status)}): it needs one the driver left out, or got one it "
+                "does not offer"
             )
         self.features = chosen
         return chosen

@@ -16,7 +16,7 @@ import select
 import struct
 import time
 
-from ..core.virtio import VIRTIO_F_VERSION_1
+from ..core.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
 from ..core.virtqueue import VIRTIO_F_EVENT_IDX
 from ..core.window import MemoryWindow
 from ..errors import DriverError
@@ -58,7 +58,8 @@ class ConsoleDriver:
         self.driver = driver
         alloc = allocator or allocator_for(window)
         self.features = driver.negotiate(
-            VIRTIO_F_VERSION_1 | 1 << VIRTIO_CONSOLE_F_SIZE | event_idx << VIRTIO_F_EVENT_IDX
+            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | 1 << VIRTIO_CONSOLE_F_SIZE
+            | event_idx << VIRTIO_F_EVENT_IDX
         )
         eidx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
         self.rx = DriverVirtqueue(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..core.virtio import VIRTIO_F_VERSION_1
+from ..core.virtio import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
 from ..core.virtqueue import VIRTIO_F_EVENT_IDX
 from ..core.window import MemoryWindow
 from ..errors import DriverError
@@ -54,7 +54,9 @@ class RngDriver:
                 "(id 4): serve it with --device-type rng"
             )
         self.driver = driver
-        features = driver.negotiate(VIRTIO_F_VERSION_1 | event_idx << VIRTIO_F_EVENT_IDX)
+        features = driver.negotiate(
+            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | event_idx << VIRTIO_F_EVENT_IDX
+        )
         self.requestq = DriverVirtqueue(
             driver, 0, queue_size, window, allocator or allocator_for(window),
             buffers=buffers, buffer_size=buffer_size,
