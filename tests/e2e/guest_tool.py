@@ -17,6 +17,7 @@ import hashlib
 import json
 import statistics
 import sys
+import threading
 import time
 
 NAMES = ("a", "b", "h")  # guest a, guest b, the host peer
@@ -228,6 +229,151 @@ def console_in_own_ram(dev, remote: int, ram_bdf: str, region: tuple[int, int], 
     }
 
 
+class Stalls:
+    """A thread that wakes every 10 ms and keeps the gaps longer than 100 ms: how long this
+    process was held up (a guest vCPU the host did not run, the GIL). A driver held up for a
+    second finds the device silent for a whole ping window whatever the device did."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._gaps: list[tuple[float, float]] = []  # (seconds since start, gap in seconds)
+        self._thread = threading.Thread(target=self._run, name="stalls", daemon=True)
+
+    def start(self) -> Stalls:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        t0 = last = time.monotonic()
+        while not self._stop.wait(0.01):
+            now = time.monotonic()
+            if now - last > 0.1:
+                self._gaps.append((now - t0, now - last))
+            last = now
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def report(self) -> dict:
+        """The longest gap, how many were over 100 ms, and the ten longest (at, ms)."""
+        top = sorted(self._gaps, key=lambda g: -g[1])[:10]
+        return {
+            "max": round(top[0][1] * 1e3, 1) if top else 0.0,
+            "over_100": len(self._gaps),
+            "longest": [[round(at, 2), round(gap * 1e3, 1)] for at, gap in top],
+        }
+
+
+def linux_peer_run(dev, ram, region: tuple[int, int], entropy: int, send: bytes, want: int,
+                   run_s: float, timeout: float, racy_bitmap: bool = True) -> dict:  # fmt: skip
+    """The Linux-like driver (tests/linux_peer.py) over ``dev`` with its RAM in ``ram``.
+
+    ``ram`` is a window over this guest's own RAM at base 0 (guest-physical = offset); the
+    peer gets only ``region`` of it (RAM the kernel never uses: ``mem=``). Start-up, then
+    ``entropy`` bytes from dev_id 0 (64 at a time), ``send`` written to the console at dev_id 1
+    and ``want`` bytes read from it, then the bus is kept up until ``run_s`` seconds passed
+    since GET_DEVICES and every PING sent so far was answered. What the peer put on the wire
+    (SET_VQUEUE areas, descriptor buffers) is read back here and checked against ``region``.
+    ``racy_bitmap``: the peer re-reads the GET_DEVICES bitmap from its shared bus buffer, as
+    the Linux stack does (see LinuxLikePeer).
+    """
+    from ivshmem_bus.core import protocol as p
+    from ivshmem_bus.core.virtqueue import VirtqLayout
+    from ivshmem_bus.core.window import BufferWindow
+    from tests.linux_peer import STALE, LinuxLikePeer, Teardown
+
+    spans: list[tuple[int, int]] = []  # (address, length) the peer gave the device
+
+    class Peer(LinuxLikePeer):
+        def send(self, msg: p.Message, *, msg_size: int | None = None) -> None:
+            if isinstance(msg, p.SetVqueue):
+                layout = VirtqLayout(msg.size, msg.descriptor_addr, msg.driver_addr,
+                                     msg.device_addr)  # fmt: skip
+                spans.extend((a, n) for _, a, n in layout.areas())
+            super().send(msg, msg_size=msg_size)
+
+    start, length = region
+    whole = ram.buffer
+    part = whole[start : start + length]
+    name = f"{ram.name} [0x{start:x}, +0x{length:x})"
+    peer = Peer(dev, BufferWindow(part, start, name=name, fence=ram.fence),
+                request_timeout=timeout, racy_bitmap=racy_bitmap)  # fmt: skip
+    out: dict = {"window": ram.name}
+
+    def pings() -> dict:  # taken once every PING sent so far was answered (or on an error)
+        rtts = sorted(peer.ping_rtts)
+        return dict(
+            run_s=round(time.monotonic() - t0, 3), pings_sent=peer.pings_sent,
+            pings_answered=len(rtts), ping_responses=peer.ping_responses,
+            ping_rtt_ms_p50=round(rtts[len(rtts) // 2] * 1e3, 2) if rtts else None,
+            ping_rtt_ms_max=round(rtts[-1] * 1e3, 2) if rtts else None,
+            pings_from_device=sum(isinstance(m, p.BusPing) for m in peer.bus_messages),
+        )  # fmt: skip
+
+    gaps = Stalls().start()  # this process held up (the guest starved, the GIL): for the report
+    t0 = time.monotonic()
+    try:
+        peer.start()
+        devices = peer.probe_all()
+        out["startup_s"] = round(time.monotonic() - t0, 3)
+        gd = next(m for m in peer.bus_messages if isinstance(m, p.BusGetDevicesResponse))
+        out["bitmap"] = gd.bitmap[0]
+        out["devices"] = [[d.dev_id, d.device_id] for d in devices]
+        out["status"] = [
+            peer.request(p.GetDeviceStatus(dev_num=d.dev_id)).status  # type: ignore[attr-defined]
+            for d in devices
+        ]
+        t1 = time.monotonic()
+        got = peer.read_entropy(0, entropy)
+        out["entropy_s"] = round(time.monotonic() - t1, 3)
+        out["entropy_sha256"] = hashlib.sha256(got).hexdigest()
+        out["entropy_len"] = len(got)
+        t1 = time.monotonic()
+        peer.console_open(1)
+        for i in range(0, len(send), 4096):
+            peer.console_write(1, send[i : i + 4096])
+        received = peer.console_read(1, want, timeout=timeout)
+        out["console_s"] = round(time.monotonic() - t1, 3)
+        out["console_received_sha256"] = hashlib.sha256(received).hexdigest()
+        out["console_received_len"] = len(received)
+        # keep the bus up: every PING of the run answered, none of ours echoed back
+        wait_until(lambda: peer.stale or (time.monotonic() - t0 >= run_s and peer.pings_sent
+                   and len(peer.ping_rtts) == peer.pings_sent),
+                   run_s + 3 * timeout, "every PING answered")  # fmt: skip
+        out.update(pings())
+        # and each descriptor's buffer, as the device reads it in the rings (read back
+        # through the whole RAM window, not the peer's)
+        for q in peer._queues:
+            table = whole[q.layout.desc_addr : q.layout.desc_addr + 16 * q.layout.size]
+            for i in range(q.layout.size):
+                addr = int.from_bytes(table[16 * i : 16 * i + 8], "little")
+                size = int.from_bytes(table[16 * i + 8 : 16 * i + 12], "little")
+                if size:
+                    spans.append((addr, size))
+            table.release()
+    except Teardown as exc:  # reported with everything known so far, not as a traceback
+        out["error"] = str(exc)
+        out.update(pings())
+    finally:
+        gaps.stop()
+        peer.close()
+        peer.release_ram()
+        part.release()  # ``whole`` is the window's own view: it goes with the window
+    out["stalls_ms"] = gaps.report()
+    out["echoes"] = peer.echoes  # PING responses this side answered: the device drops them
+    out["stale"] = peer.stale or STALE in peer.log
+    out["log"] = peer.log[-10:]
+    out["address_spans"] = len(spans)
+    out["addresses_in_region"] = bool(spans) and all(
+        start <= a and a + n <= start + length for a, n in spans
+    )
+    if spans:
+        out["lowest"] = hex(min(a for a, _ in spans))
+        out["highest"] = hex(max(a + n for a, n in spans))
+    return out
+
+
 # Guest command line ------------------------------------------------------------------------------
 
 
@@ -314,6 +460,20 @@ def _step_console_own_ram(args) -> dict:
                                   args.token, args.size, args.timeout)  # fmt: skip
 
 
+def _step_linux_peer(args) -> dict:
+    from ivshmem_bus.backends import open_backend
+    from ivshmem_bus.memory import open_window
+
+    with (
+        open_backend(device=args.bdf) as dev,
+        open_window(args.ram, mem_offset=0, role="driver") as ram,
+    ):
+        return linux_peer_run(dev, ram, (args.region, args.region_len), args.entropy,
+                              payload(args.token, "b2a", args.console),
+                              args.console, args.run_seconds, args.timeout,
+                              racy_bitmap=not args.exact_bitmap)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     parser = argparse.ArgumentParser(prog="guest_tool.py")
@@ -357,6 +517,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=65536)
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=_step_console_own_ram)
+    p = sub.add_parser("linux-peer")
+    p.add_argument("bdf")
+    p.add_argument("--ram", required=True, help="ivshmem-plain BDF over this guest's RAM")
+    p.add_argument("--region", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--region-len", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--entropy", type=int, default=16384)
+    p.add_argument("--console", type=int, default=16384, help="bytes each way")
+    p.add_argument("--run-seconds", type=float, default=6.0)
+    p.add_argument(
+        "--exact-bitmap", action="store_true",
+        help="read GET_DEVICES' bitmap from its response, not from the shared bus buffer",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_step_linux_peer)
     args = parser.parse_args(argv)
     out = args.func(args)
     out["step_s"] = round(time.monotonic() - t0, 3)
