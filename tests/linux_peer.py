@@ -222,8 +222,10 @@ class LinuxLikePeer:
             tick = self.ping_period
             if not self.registered:  # PINGs start once a device is registered
                 continue
-            if window_start is not None and self._heard < window_start:
-                self.teardown()  # a whole window with nothing from the device
+            # a whole window with nothing from the device: nothing read, and nothing waiting
+            # in its queue (a reader this side did not run in time is not a silent device)
+            if window_start is not None and self._heard < window_start and not len(self._rx):
+                self.teardown()
                 return
             window_start = time.monotonic()
             self._ping_seq += 1
