@@ -20,6 +20,7 @@ __all__ = [
     "BusTimeout",
     "DeviceNotFound",
     "DriverError",
+    "HubDeviceError",
     "IvshmemBusError",
     "LinuxUserError",
     "MemoryFileError",
@@ -97,6 +98,23 @@ class BusClosed(BusError):
 class DriverError(IvshmemBusError, RuntimeError):
     """The remote virtio device refused a step of the driver's setup (a queue, features) or
     stopped delivering (no used buffers in time, an exhausted entropy source)."""
+
+
+class HubDeviceError(IvshmemBusError, ValueError):
+    """A device the hub cannot put on its bus (``devices.hub.DeviceHub``): a dev_id outside
+    0..31, a dev_id served already, or a device whose DEVICE_INFO device_id is 0, which the
+    Linux driver reads as "no device". A ``ValueError`` too: it is the caller's argument.
+
+    Attributes:
+        dev_id: the dev_id asked for.
+    """
+
+    def __init__(self, dev_id: object, message: str) -> None:
+        self.dev_id = dev_id
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[HubDeviceError], tuple[object, str]]:
+        return (type(self), (self.dev_id, str(self)))
 
 
 class RemoteVmidError(IvshmemBusError):

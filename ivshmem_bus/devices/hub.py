@@ -15,7 +15,15 @@ What belongs to the bus and not to any device is answered here, once (docs/linux
   them instead of tearing the bus down a second later (it has no hot-add: a restarted
   device side is seen only by a reloaded driver).
 - **Routing**: a transport message goes to the worker of its dev_id; one for a dev_id not
-  served is dropped and counted (``stats.unknown_dev``), and logged once per dev_id.
+  served is dropped and counted (``stats.unknown_dev``), and logged once per dev_id. That
+  includes dev_id 32, which the Linux driver's GET_DEVICES path accepts (an off-by-one of its
+  own): nothing here depends on it.
+
+**What the hub serves.** At most 32 devices, at dev_id 0..31 (``MAX_DEVICES``): the Linux
+driver asks GET_DEVICES for offset 0, num 32 and never looks further, so a device beyond
+would never be probed, and no bitmap bit past 31 is ever set. A device whose DEVICE_INFO
+device_id is 0 is refused too: the driver reads 0 as "no device" and skips it, so listing
+it would only cost a probe. Both are ``HubDeviceError`` at ``DeviceHub()`` or ``add``.
 
 **The bitmap race, and the way around it chosen here.** The Linux driver keeps bus messages
 in one receive buffer and re-reads the GET_DEVICES bitmap from it while it probes the
@@ -55,11 +63,12 @@ from collections.abc import Callable, Mapping, Sequence
 from ..bus import VirtioMsgBus
 from ..core import protocol as p
 from ..core.layouts import HEADER_SIZE, MESSAGE_SIZE
+from ..errors import HubDeviceError
 from ..memory.pool import POOL_OFFSET, PoolWindow
 from .base import VirtioMsgDevice
 from .workers import DeviceWorker, LockedSender
 
-__all__ = ["HOLD_LIMIT", "PING_DEADLINE", "SLOW_CALL", "DeviceHub", "HubStats"]
+__all__ = ["HOLD_LIMIT", "MAX_DEVICES", "PING_DEADLINE", "SLOW_CALL", "DeviceHub", "HubStats"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ PING_DEADLINE = 0.25  # a PING answered later than this is logged
 SLOW_CALL = 0.25  # a device inside one call for longer than this is logged
 MAX_BURST = 256  # messages routed in a row before the hub's own checks run
 DEV_READY, DEV_REMOVED = 1, 2  # EVENT_DEVICE dev_state
+MAX_DEVICES = 32  # dev_id 0..31: the window of the Linux driver's one GET_DEVICES (0, 32)
 
 
 @dataclasses.dataclass
@@ -103,9 +113,16 @@ class DeviceHub:
         hold_limit: float = HOLD_LIMIT,
         announce_removal: bool = True,
     ) -> None:
+        if not isinstance(devices, Mapping) and len(devices) > MAX_DEVICES:
+            raise HubDeviceError(
+                MAX_DEVICES,
+                f"{len(devices)} devices: a hub serves at most {MAX_DEVICES} (dev_id 0..31, "
+                f"what the Linux driver's GET_DEVICES asks about): serve the rest on another "
+                f"ivshmem device",
+            )
         items = dict(devices) if isinstance(devices, Mapping) else dict(enumerate(devices))
-        for dev_id in items:
-            _check_dev_id(dev_id)
+        for dev_id, device in items.items():
+            _check_device(dev_id, device)
         self.hold_pings = hold_pings
         self.hold_limit = hold_limit
         self.announce_removal = announce_removal
@@ -137,10 +154,10 @@ class DeviceHub:
 
     def add(self, dev_id: int, device: VirtioMsgDevice) -> None:
         """Serve ``device`` at ``dev_id``; while serving, start it and send EVENT_DEVICE 1."""
-        _check_dev_id(dev_id)
+        _check_device(dev_id, device)
         with self._lock:
             if dev_id in self._devices:
-                raise ValueError(f"dev_id {dev_id} is served already: remove it first")
+                raise HubDeviceError(dev_id, f"dev_id {dev_id} is served already: remove it first")
             self._devices[dev_id] = device
             if self._bus is not None:
                 self._start(dev_id, device)
@@ -371,6 +388,19 @@ class DeviceHub:
             self._bus = self._sender = None
 
 
-def _check_dev_id(dev_id: int) -> None:
-    if not isinstance(dev_id, int) or not 0 <= dev_id <= 0xFFFF:
-        raise ValueError(f"dev_id {dev_id!r} is not a device number (0..65535)")
+def _check_device(dev_id: int, device: VirtioMsgDevice) -> None:
+    """Refuse what the Linux driver would never probe (see the module doc)."""
+    if not isinstance(dev_id, int) or not 0 <= dev_id < MAX_DEVICES:
+        raise HubDeviceError(
+            dev_id,
+            f"dev_id {dev_id!r}: a hub serves dev_id 0..{MAX_DEVICES - 1} (the Linux driver's "
+            f"GET_DEVICES asks for 0..31 and never looks further): give it a free dev_id below "
+            f"{MAX_DEVICES}",
+        )
+    if device.device_id == 0:
+        raise HubDeviceError(
+            dev_id,
+            f"dev_id {dev_id}: {type(device).__name__} has DEVICE_INFO device_id 0, which the "
+            f"Linux driver reads as 'no device' and skips: set its class's device_id to the "
+            f"virtio device id it implements (rng 4, console 3)",
+        )
