@@ -11,6 +11,7 @@ machine keeps.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from ivshmem_bus.core.virtio import DRIVER_OK
 from ivshmem_bus.core.window import BufferWindow
 from ivshmem_bus.devices import ConsoleDevice, DeviceHub, RngDevice, VirtioMsgDevice
 from ivshmem_bus.devices.hostio import MemoryIO
+from ivshmem_bus.devices.hub import SWITCH_INTERVAL
+from ivshmem_bus.devices.workers import IDLE_WAIT, DeviceWorker
 
 from .linux_peer import STALE, LinuxLikePeer, Teardown
 
@@ -482,3 +485,91 @@ def test_get_devices_echoes_the_window_and_sets_exactly_the_served_bits(offset, 
     assert len(raw) == 64 and p.decode(raw, "linux-v0") == reply
     beyond = any(d >= offset + reply.num for d in dev_ids)
     assert reply.next_offset == (min(offset + reply.num, 0xFFFF) if beyond else 0)
+
+
+# --- Answered on the bus thread, and the GIL switch interval -------------------------------------
+
+
+class _Sent:
+    """A sender that keeps what it is given (the worker's thread is not started)."""
+
+    def __init__(self) -> None:
+        self.sent: list[p.Message] = []
+
+    def send(self, msg: p.Message, timeout: float = 1.0) -> None:
+        self.sent.append(msg)
+
+    def try_send(self, msg: p.Message) -> bool:
+        self.sent.append(msg)
+        return True
+
+
+def test_try_inline_answers_only_bounded_reads_of_an_idle_worker():
+    rng = RngDevice("linux-v0")
+    sent = _Sent()
+    worker = DeviceWorker(3, rng, sent)  # type: ignore[arg-type]
+    read = p.GetDeviceStatus(dev_num=3)
+    assert worker.try_inline(read)  # idle: answered here, with its dev_id
+    assert sent.sent == [p.GetDeviceStatusResponse(0, dev_num=3)]
+    for msg in (  # callbacks, queue binding, queue work: always the worker's
+        p.SetDeviceStatus(status=1, dev_num=3),
+        p.SetVqueue(0, 256, 0x2000, 0x3000, 0x4000, dev_num=3),
+        p.SetConfig(0, 0, 0, b"", dev_num=3),
+        p.ResetVqueue(index=0, dev_num=3),
+        p.EventAvail(index=0, next_offset_wrap=0, dev_num=3),
+    ):
+        assert not worker.try_inline(msg), msg
+    with worker.device_lock:  # the worker is inside the device: never waited for
+        assert not worker.try_inline(read)
+    worker.put(p.EventAvail(index=0, next_offset_wrap=0, dev_num=3))
+    assert not worker.try_inline(read)  # an earlier message is unanswered: no overtaking
+    assert len(sent.sent) == 1 and worker.inline == 1
+    slow = slowed(RngDevice("linux-v0"), 0.0)  # handle patched on the instance
+
+    class OwnStatus(RngDevice):
+        def _get_status(self, msg: p.GetDeviceStatus) -> p.Message:
+            return p.GetDeviceStatusResponse(0x40)
+
+    for device in (slow, OwnStatus("linux-v0")):
+        assert not DeviceWorker(0, device, sent).try_inline(read)  # type: ignore[arg-type]
+
+
+def test_reads_skip_the_hop_and_the_other_requests_take_it(make_link):
+    link = make_link()
+    peer = link.peer
+    peer.probe_all()
+    worker = link.hub._workers[0]
+    assert worker.inline > 0  # the probe's reads
+    before, handled = worker.inline, worker.handled
+    assert peer.request(p.GetDeviceStatus(dev_num=0)).status == 0x0F
+    assert peer.request(p.GetConfig(offset=0, size=0, dev_num=0)).size == 0
+    assert peer.request(p.SetDeviceStatus(status=0x0F, dev_num=0)).status == 0x0F
+    assert (worker.inline, worker.handled) == (before + 2, handled + 3)
+    with worker.device_lock:  # the worker busy: the read waits for it, a PING does not
+        got: list[p.Message] = []
+        t = threading.Thread(target=lambda: got.append(peer.request(p.GetDeviceStatus())))
+        t.start()
+        peer.send(p.BusPing(data=0x51))
+        wait_for(lambda: p.BusPingResponse(data=0x51) in peer.bus_messages, 1.0)
+        time.sleep(0.05)
+        assert got == []
+    t.join(5)
+    assert got == [p.GetDeviceStatusResponse(0x0F)] and worker.inline == before + 2
+
+
+def test_serving_lowers_the_gil_switch_interval_and_gives_it_back(make_link):
+    before = sys.getswitchinterval()
+    link = make_link()
+    link.peer.probe_all()
+    assert sys.getswitchinterval() == SWITCH_INTERVAL == 5e-4
+    link.halt()
+    assert sys.getswitchinterval() == before
+
+
+def test_an_idle_worker_sleeps_unless_its_device_has_work_without_a_doorbell():
+    sent = _Sent()
+    rng = DeviceWorker(0, RngDevice("linux-v0"), sent, poll_interval=0.01)  # type: ignore[arg-type]
+    io = MemoryIO()
+    console = DeviceWorker(1, ConsoleDevice(io, "linux-v0"), sent, poll_interval=0.01)  # type: ignore[arg-type]
+    assert (rng.idle_wait, console.idle_wait) == (IDLE_WAIT, 0.01) and IDLE_WAIT == 1.0
+    io.close()

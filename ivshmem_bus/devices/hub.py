@@ -39,23 +39,37 @@ of the driver's buffer layout (carrying the bitmap in the PING response would).
 ``hold_pings=False`` turns it off, for the tests that reproduce the race.
 
 **Keep-alive by construction.** The bus thread (the caller of ``serve``) only receives,
-answers bus messages and routes; it never calls device code. Each device runs on its own
-``workers.DeviceWorker`` thread, and every send goes through one ``LockedSender`` whose
+answers bus messages and routes; it never calls code a device supplies and never waits
+for a device. It answers a request itself only where that is bounded by construction
+(``DeviceWorker.try_inline``: a read of the device's state by ``VirtioMsgDevice``'s own
+handler, taken only when the device's worker is idle, its lock got without blocking);
+everything else runs on the device's own ``workers.DeviceWorker`` thread. Every send goes
+through one ``LockedSender`` whose
 holders let go within ``SEND_SLICE`` even when the driver queue is full. So a PING is
 answered within one ``bus.receive`` wake-up (``poll_interval``, 10 ms) plus a send, whatever
 a handler is doing, outside the start-up hold; 250 ms is the bound ``PING_DEADLINE`` the
 tests hold it to. What can still delay it is outside the loop: a stopped process, or native
-code holding the GIL (CPython hands the GIL over every 5 ms between Python threads). Both are
+code holding the GIL (Python threads hand it over every switch interval, below). Both are
 logged: a PING answered later than ``PING_DEADLINE`` and a bus-thread turn longer than
 that say so at WARNING, before the driver's 1 s runs out, and so does a device that has
 been inside one call longer than ``SLOW_CALL`` (its own requests wait, and the driver holds
 one lock over all of its requests).
+
+**The GIL switch interval while serving.** ``serve`` lowers ``sys.setswitchinterval`` to
+``SWITCH_INTERVAL`` (0.5 ms; CPython's default is 5 ms) and restores it when it ends. A
+thread that wants the GIL while another runs Python code gets it only when the holder is
+asked to let go, after one interval: a PING, or a request to another device, arriving while
+a worker computes in pure Python waits that long for the bus thread, then again for the
+worker that answers it. The interval costs nothing while the other threads sleep (a switch
+is forced only when a thread is waiting), and 0.5 ms keeps two such waits inside QEMU's
+1 ms. It is process-wide: serve is its own process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,7 +82,15 @@ from ..memory.pool import POOL_OFFSET, PoolWindow
 from .base import VirtioMsgDevice
 from .workers import DeviceWorker, LockedSender
 
-__all__ = ["HOLD_LIMIT", "MAX_DEVICES", "PING_DEADLINE", "SLOW_CALL", "DeviceHub", "HubStats"]
+__all__ = [
+    "HOLD_LIMIT",
+    "MAX_DEVICES",
+    "PING_DEADLINE",
+    "SLOW_CALL",
+    "SWITCH_INTERVAL",
+    "DeviceHub",
+    "HubStats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +99,7 @@ PING_DEADLINE = 0.25  # a PING answered later than this is logged
 SLOW_CALL = 0.25  # a device inside one call for longer than this is logged
 MAX_BURST = 256  # messages routed in a row before the hub's own checks run
 DEV_READY, DEV_REMOVED = 1, 2  # EVENT_DEVICE dev_state
+SWITCH_INTERVAL = 5e-4  # the GIL switch interval while serving (module doc)
 MAX_DEVICES = 32  # dev_id 0..31: the window of the Linux driver's one GET_DEVICES (0, 32)
 
 
@@ -287,7 +310,8 @@ class DeviceHub:
     def _route(self, msg: p.Message) -> None:
         worker = self._workers.get(msg.dev_num)
         if worker is not None:
-            worker.put(msg)
+            if not worker.try_inline(msg):
+                worker.put(msg)
             return
         self.stats.unknown_dev += 1
         if msg.dev_num not in self._unknown_seen:
@@ -348,6 +372,8 @@ class DeviceHub:
             for dev_id, device in self._devices.items():
                 self._start(dev_id, device)
         handled = 0
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
         try:
             last = time.monotonic()
             while stop is None or not stop():
@@ -368,6 +394,7 @@ class DeviceHub:
                 self._tick(now, now - last)
                 last = now
         finally:
+            sys.setswitchinterval(switch)
             self._shutdown()
         return handled
 

@@ -18,6 +18,32 @@ a PING response never waits behind it for longer than one slice.
 ``busy_since`` says when the worker entered device code; the bus thread reads it to log a
 device that has been inside one call for too long (its own requests wait; the driver holds
 one lock over every request, so the whole guest's virtio-msg traffic waits with them).
+
+**Answered inline.** A hop to the worker costs a thread wake-up and a GIL hand-over per
+request, and on a loaded machine each hand-over waits for the kernel to run the other
+thread (measured: docs/linux.md "Limits"). So ``try_inline`` lets the bus thread answer a
+request itself when that cannot delay it, by construction, never by timing:
+
+- the message is one of ``INLINE``: reads of the device's state (DEVICE_INFO,
+  GET_DEV_FEATURES, GET_DEVICE_STATUS, GET_CONFIG, GET_VQUEUE) and SET_DRV_FEATURES, each
+  answered by ``VirtioMsgDevice``'s own handler, whose work is bounded by the message (a
+  few fields, a config slice, feature words clipped to ``num_feature_bits``), with no
+  callback, no I/O and no queue work; a device that overrides ``handle`` or that handler
+  (or has it patched) always gets the hop;
+- the worker is idle: nothing routed to it is still unanswered (so the answer cannot
+  overtake an earlier message of the same device), and the device lock, which the worker
+  holds around every device call, is free: the bus thread takes it without blocking, so it
+  never waits for a device; a busy device gets the hop as before.
+
+Everything else (SET_DEVICE_STATUS with its ``on_status`` and DRIVER_OK, SET_VQUEUE,
+SET_CONFIG, RESET_VQUEUE, EVENT_AVAIL and the queue work) stays on the worker.
+
+**Idle workers sleep.** A worker looks at its queues every ``poll_interval`` only when its
+device has work without a doorbell: it overrides ``queue_ready`` (a console whose host side
+was not ready) or ``process``. Any other device's queue work starts with a message routed
+to it (EVENT_AVAIL, DRIVER_OK), which wakes the worker at once, so it waits up to
+``IDLE_WAIT`` (for events put in its outbox from elsewhere). Every wake-up of an idle
+thread is a GIL hand-over that the bus thread may have to wait for behind a CPU hog.
 """
 
 from __future__ import annotations
@@ -36,13 +62,25 @@ from ..core.virtio import DRIVER_OK
 from ..errors import BusClosed, BusTimeout
 from .base import VirtioMsgDevice
 
-__all__ = ["SEND_SLICE", "DeviceWorker", "LockedSender"]
+__all__ = ["INLINE", "SEND_SLICE", "DeviceWorker", "LockedSender"]
 
 log = logging.getLogger(__name__)
 
 SEND_SLICE = 0.005  # the longest one sender holds the lock while the driver queue is full
 EVENT_SEND_TIMEOUT = 2e-4  # how long an event may wait for a free slot before it is kept
 MAX_MESSAGES = 64  # messages a worker answers in a row before its queues get a turn
+IDLE_WAIT = 1.0  # the longest an idle worker of a device without host-side work sleeps
+
+# Requests the bus thread may answer itself (see the module doc): the message type and the
+# VirtioMsgDevice handler that must be the one the device uses for it.
+INLINE: dict[type[p.Message], Callable[..., object]] = {
+    p.DeviceInfo: VirtioMsgDevice._device_info,
+    p.GetFeatures: VirtioMsgDevice._get_features,
+    p.SetFeatures: VirtioMsgDevice._set_features,
+    p.GetDeviceStatus: VirtioMsgDevice._get_status,
+    p.GetConfig: VirtioMsgDevice._get_config,
+    p.GetVqueue: VirtioMsgDevice._get_vqueue,
+}
 
 
 class LockedSender:
@@ -106,17 +144,58 @@ class DeviceWorker(threading.Thread):
         self.device = device
         self.sender = sender
         self.poll_interval = poll_interval
+        cls = type(device)
+        polls = (
+            cls.queue_ready is not VirtioMsgDevice.queue_ready
+            or cls.process is not VirtioMsgDevice.process
+        )
+        self.idle_wait = poll_interval if polls else max(poll_interval, IDLE_WAIT)
         self.on_driver_ok = on_driver_ok
         self.inbox: queue.SimpleQueue[p.Message | None] = queue.SimpleQueue()
         self.busy_since: float | None = None  # monotonic time device code was entered
         self.warned = False  # the bus thread logged the current call as slow
         self.handled = 0
+        self.inline = 0  # of those, answered on the bus thread (``try_inline``)
         self.failed = 0  # device calls that raised (logged; the worker goes on)
+        self.device_lock = threading.Lock()  # held around every call into the device
+        self._routed = 0  # messages put (written by the bus thread only)
+        self._done = 0  # of those, handled (written by this thread only)
         self._quit = threading.Event()
 
     def put(self, msg: p.Message) -> None:
         """A transport message for this device (from the bus thread)."""
+        self._routed += 1
         self.inbox.put(msg)
+
+    def try_inline(self, msg: p.Message) -> bool:
+        """Answer ``msg`` on the calling (bus) thread if that cannot delay it (module doc);
+        False: nothing was done, ``put`` it."""
+        device = self.device
+        safe = INLINE.get(type(msg))
+        if safe is None or type(device).handle is not VirtioMsgDevice.handle:
+            return False
+        handler = device._handlers.get(type(msg))
+        if handler is None or getattr(handler, "__func__", None) is not safe:
+            return False  # the device answers this type with code of its own
+        if "handle" in vars(device):  # patched on the instance
+            return False
+        if not self.device_lock.acquire(blocking=False):
+            return False  # the worker is inside the device
+        try:
+            if self._done != self._routed:
+                return False  # an earlier message of this device is still unanswered
+            try:
+                reply = handler(msg)
+            except Exception:
+                self.failed += 1
+                log.exception("dev_id %d (%s) failed", self.dev_id, type(device).__name__)
+                return True
+        finally:
+            self.device_lock.release()
+        self.handled += 1
+        self.inline += 1
+        self._reply(msg, reply)
+        return True
 
     def stop(self, timeout: float = 2.0) -> bool:
         """Ask the thread to end and wait up to ``timeout``; False if it is still inside a
@@ -135,7 +214,7 @@ class DeviceWorker(threading.Thread):
         busy = False
         while not self._quit.is_set():
             try:
-                msg = self.inbox.get(block=not busy, timeout=None if busy else self.poll_interval)
+                msg = self.inbox.get(block=not busy, timeout=None if busy else self.idle_wait)
             except queue.Empty:
                 msg = None
             n = 0
@@ -157,7 +236,8 @@ class DeviceWorker(threading.Thread):
         self.warned = False
         self.busy_since = time.monotonic()
         try:
-            return fn(*args)
+            with self.device_lock:
+                return fn(*args)
         except (BusClosed, KeyboardInterrupt):
             raise
         except Exception:
@@ -168,23 +248,31 @@ class DeviceWorker(threading.Thread):
             self.busy_since = None
 
     def _handle(self, msg: p.Message) -> None:
-        reply = self._call(self.device.handle, msg)
-        self.handled += 1
-        if isinstance(reply, p.Message):
-            if reply.dev_num != msg.dev_num or reply.token != msg.token:
-                reply = dataclasses.replace(reply, token=msg.token, dev_num=msg.dev_num)
-            try:
-                self.sender.send(reply)
-            except BusTimeout as exc:
-                log.warning("dev_id %d: response not sent: %s", self.dev_id, exc)
-                return
-            if (
+        try:
+            reply = self._call(self.device.handle, msg)
+            self.handled += 1
+            if self._reply(msg, reply) and (
                 isinstance(msg, p.SetDeviceStatus)
                 and self.device.status & DRIVER_OK
                 and self.on_driver_ok is not None
             ):
                 self.on_driver_ok(self.dev_id)
+        finally:
+            self._done += 1  # once its response is out: no inline answer can overtake it
         self._flush()
+
+    def _reply(self, msg: p.Message, reply: object) -> bool:
+        """Send the device's response to ``msg`` (with its dev_id and token); True if sent."""
+        if not isinstance(reply, p.Message):
+            return False
+        if reply.dev_num != msg.dev_num or reply.token != msg.token:
+            reply = dataclasses.replace(reply, token=msg.token, dev_num=msg.dev_num)
+        try:
+            self.sender.send(reply)
+        except BusTimeout as exc:
+            log.warning("dev_id %d: response not sent: %s", self.dev_id, exc)
+            return False
+        return True
 
     def _flush(self) -> None:
         """The device's events (EVENT_USED, EVENT_CONFIG), oldest first; what finds the
