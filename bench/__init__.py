@@ -48,6 +48,12 @@ vq        the virtqueue data path (issue 15): a Python driver and a null device
           works through a 1024-entry queue; and a verified soak (10^6 buffers per run,
           stamped and checked on both sides: lost, duplicated, corrupted, RSS and fds).
 
+hub       linux-v0 through the device hub (issue 18): GET_DEVICE_STATUS round trips to dev_id
+          0 of a ``DeviceHub`` (bus thread + a worker per device) in a forked child, beside
+          the single-device loop, idle and with a CPU hog per core (device normal and
+          SCHED_FIFO); the start-up of two devices (GET_DEVICES to the last DRIVER_OK); the C
+          eventfd ping-pong under the same hogs (``hub.py``).
+
 Results go to ``bench-results.json`` (``--json``) so that runs can be compared; the smoke
 test (tests/test_bench_smoke.py) checks its shape, never its figures. Other processes skew
 everything here: each case records the largest share of the CPUs that processes other than
@@ -72,7 +78,7 @@ from pathlib import Path
 __all__ = ["CASES", "DEFAULT_JSON", "DESCRIPTION", "SCHEMA", "add_arguments", "cmd_bench", "main"]
 
 SCHEMA = "ivshmem-bus-bench/1"
-CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup")
+CASES = ("raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup", "hub")
 DEFAULT_JSON = "bench-results.json"
 DESCRIPTION = __doc__.splitlines()[0]
 

@@ -23,6 +23,7 @@ from . import CASES, SCHEMA
 from ._cref import build_reference, default_cache_dir
 from .doorbell import case_doorbell
 from .harness import BUSY_WARN, Config, cpu_busy
+from .hub import case_hub
 from .report import machine_info, ratios, targets
 from .roundtrip import case_flood, case_rtt
 from .startup import case_startup
@@ -40,6 +41,7 @@ CASE_FUNCS: dict[str, Callable[[Config], list[dict[str, Any]]]] = {
     "doorbell": case_doorbell,
     "vq": case_vq,
     "startup": case_startup,
+    "hub": case_hub,
 }
 
 

@@ -226,6 +226,7 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
             lambda v: v <= 1000.0,
             "us",
         )
+    _hub_targets(results, add)
     growth = [
         (
             rec["metrics"]["rss_growth_kib"]["max"],
@@ -243,6 +244,29 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
         "KiB",
     )
     return rows
+
+
+def _hub_targets(
+    results: dict[str, dict[str, Any]],
+    add: Callable[[str, str, float | None, Callable[[float], bool], str], None],
+) -> None:
+    """Issue 18's: linux-v0 through the device hub (the ``hub`` case)."""
+    for suffix in ("idle", "load-normal", "load-fifo"):
+        add(
+            f"hub round trip p99.9, {suffix.replace('load-', 'CPU hogs, device ')}",
+            "<= 1000 us (QEMU)",
+            _median(results, f"hub.rtt.hub.{suffix}", "p99_9_us"),
+            lambda v: v <= 1000.0,
+            "us",
+        )
+    for suffix in ("idle", "load-fifo"):
+        add(
+            f"hub start-up of 2 devices to DRIVER_OK, max, {suffix.replace('load-', 'CPU hogs, ')}",
+            "<= 100 ms (issue 18)",
+            _median(results, f"hub.startup.{suffix}", "max_us"),
+            lambda v: v <= 100_000.0,
+            "us",
+        )
 
 
 def _vq_targets(

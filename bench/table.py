@@ -216,6 +216,9 @@ def renderables(report: dict[str, Any]) -> Iterator[RenderableType]:
     if "startup" in by_group:
         title = "first response to a driver that sends as it joins (QEMU: ~1 ms), us"
         yield from ("", _latency(title, by_group["startup"], [("over_1ms", ">1 ms")]))
+    if "hub" in by_group:
+        title = "linux-v0 through the device hub (issue 18), us"
+        yield from ("", _latency(title, by_group["hub"], [("over_1ms", ">1 ms")]))
     if "doorbell" in by_group:
         wakes = [r for r in by_group["doorbell"] if r["id"].startswith("doorbell.wake")]
         extra = [("ring_call_us", "ring call us")]
