@@ -54,7 +54,7 @@ COUNTS: dict[str, int] = {
     "vq.soak": 1_000_000,
     "startup": 200,
     "hub.rtt": 20_000,
-    "hub.startup": 400,  # divided by 8: start-ups of two devices (~30 requests each)
+    "hub.startup": 50,  # start-ups of two devices (~30 requests each); at least 2
 }
 BUSY_WARN = 0.15  # other processes using more of the CPUs than this before the run: warn
 MIN_COUNT = 64  # percentiles need samples, even at --scale 0.0001

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup"}
+CASES = {"raw", "encoded", "rtt", "flood", "doorbell", "vq", "startup", "hub"}
 LATENCY = {"p50_us", "p99_us", "p99_9_us", "max_us", "over_1ms"}
 RAW_APIS = ("per-call", "batch", "batch-py", "many", "drain")
 RAW_IDS = {f"raw.{q}.{api}" for q in ("q62", "q4096") for api in RAW_APIS}
@@ -113,6 +113,13 @@ def test_expected_cases_and_metrics(report):
         assert by_id["startup.auto-load"]["metrics"]["max_us"]["median"] > 0
     assert by_id["startup.auto"]["metrics"]["p50_us"]["median"] > 0
     assert [r for r in data["results"] if r["group"] == "flood"]
+    for runner in ("hub", "loop"):  # linux-v0 through the device hub, and without it
+        assert set(by_id[f"hub.rtt.{runner}.idle"]["metrics"]) == LATENCY
+    assert by_id["hub.startup.idle"]["params"]["devices"] == 2
+    if two_cores:
+        assert by_id["hub.rtt.hub.load-normal"]["params"]["load"] == "CPU hog per core"
+        assert ("hub.rtt.hub.load-fifo" in by_id) == (os.geteuid() == 0)
+        assert ("hub.c.eventfd.load" in by_id) == c_built
     assert by_id["doorbell.burst"]["metrics"]["doorbells_per_burst"]["median"] > 0
     if data["machine"]["compiled_helper"]:
         assert set(by_id["rtt.python.busy-poll-coalesced"]["metrics"]) == LATENCY
