@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import multiprocessing
 import os
 import signal
 import time
@@ -98,10 +99,9 @@ def _serve(
 
 
 @contextlib.contextmanager
-def _served(runner: str, sched: str, cpu: int | None) -> Iterator[tuple[Callable[..., Any], ...]]:
-    """A fresh fake pair, the device side forked on it; yields (request, put, get)."""
-    import multiprocessing
-
+def _served(runner: str, sched: str, cpu: int | None) -> Iterator[tuple[Any, ...]]:
+    """A fresh fake pair, the device side forked on it; yields (request, put, get, ring,
+    the device's vmid)."""
     a, b = fake_pair(shm_size=SHM)
     peer = b.vmid
     ctx = multiprocessing.get_context("fork")
