@@ -154,13 +154,25 @@ class DeviceWorker(threading.Thread):
         self.inbox: queue.SimpleQueue[p.Message | None] = queue.SimpleQueue()
         self.busy_since: float | None = None  # monotonic time device code was entered
         self.warned = False  # the bus thread logged the current call as slow
-        self.handled = 0
-        self.inline = 0  # of those, answered on the bus thread (``try_inline``)
-        self.failed = 0  # device calls that raised (logged; the worker goes on)
+        # Each counter is written by one thread only (no lost updates): the worker's own,
+        # and those of the bus thread's inline answers.
+        self._handled = self._failed = 0
+        self.inline = 0  # messages answered on the bus thread (``try_inline``)
+        self._inline_failed = 0
         self.device_lock = threading.Lock()  # held around every call into the device
         self._routed = 0  # messages put (written by the bus thread only)
         self._done = 0  # of those, handled (written by this thread only)
         self._quit = threading.Event()
+
+    @property
+    def handled(self) -> int:
+        """Messages handled, on this thread or inline."""
+        return self._handled + self.inline
+
+    @property
+    def failed(self) -> int:
+        """Device calls that raised (logged; the worker goes on)."""
+        return self._failed + self._inline_failed
 
     def put(self, msg: p.Message) -> None:
         """A transport message for this device (from the bus thread)."""
@@ -187,12 +199,11 @@ class DeviceWorker(threading.Thread):
             try:
                 reply = handler(msg)
             except Exception:
-                self.failed += 1
+                self._inline_failed += 1
                 log.exception("dev_id %d (%s) failed", self.dev_id, type(device).__name__)
                 return True
         finally:
             self.device_lock.release()
-        self.handled += 1
         self.inline += 1
         self._reply(msg, reply)
         return True
@@ -241,7 +252,7 @@ class DeviceWorker(threading.Thread):
         except (BusClosed, KeyboardInterrupt):
             raise
         except Exception:
-            self.failed += 1
+            self._failed += 1
             log.exception("dev_id %d (%s) failed", self.dev_id, type(self.device).__name__)
             return None
         finally:
@@ -250,7 +261,7 @@ class DeviceWorker(threading.Thread):
     def _handle(self, msg: p.Message) -> None:
         try:
             reply = self._call(self.device.handle, msg)
-            self.handled += 1
+            self._handled += 1
             if self._reply(msg, reply) and (
                 isinstance(msg, p.SetDeviceStatus)
                 and self.device.status & DRIVER_OK
