@@ -171,7 +171,7 @@ def test_messages_queued_before_the_device_starts_are_answered_when_it_starts(ma
     assert got == [] and link.peer.received == 0
     link.serve()
     t.join(10)
-    assert [d.dev_id for d in got[0]] == [0, 1]  # type: ignore[union-attr]
+    assert [d.dev_id for d in got[0]] == [0, 1]  # type: ignore[attr-defined]
     # GET_DEVICES was answered later than ~50 ms: the first PING comes a second later
     assert link.peer.pings_sent == 0
     wait_for(lambda: link.peer.ping_responses == 1, 2.0)
