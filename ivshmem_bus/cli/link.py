@@ -21,7 +21,7 @@ from . import signals
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
     from ..backends.base import IvshmemDevice
     from ..bus import VirtioMsgBus
-    from ..transport import DeviceDescription
+    from ..drivers import DeviceDescription
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from ..transport import feature_names, status_names
+    from ..core.virtio import feature_names, status_names
 
     print(
         f"fake ivshmem pair (no hardware): driver vmid {result.driver_vmid} <-> "
@@ -149,8 +149,8 @@ def check_linux_vmid(dev: IvshmemDevice, profile: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..core.virtio import status_names
     from ..serving import serve_link
-    from ..transport import status_names
 
     if len(args.device_type) > 1 and args.profile == "qemu-v0":
         raise ValueError(
@@ -228,7 +228,7 @@ def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..transport import VirtioMsgDriver
+    from ..drivers import VirtioMsgDriver
 
     with _backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
