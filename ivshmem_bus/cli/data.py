@@ -129,12 +129,12 @@ def _driver_link(
     from ..bus import VirtioMsgBus
     from ..drivers import VirtioMsgDriver
     from ..ownership import resolve_driver_remote
-    from .link import _backend, _serve_hint
+    from .args import backend, serve_hint
 
-    hint = _serve_hint(args)
+    hint = serve_hint(args)
     if args.func is cmd_console and (args.server or args.fake):
         hint += " --device-type console"  # serve's default device is the rng
-    with _backend(args) as dev:
+    with backend(args) as dev:
         remote = resolve_driver_remote(dev, args.remote_vmid, hint=hint, wait=args.timeout)
         with (
             VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
