@@ -130,6 +130,113 @@ def c_floor_note(results: dict[str, dict[str, Any]]) -> str:
     return "worst cases bound by the machine, medians: " + "; ".join(parts)
 
 
+Source = str | tuple[str, str]  # a ratio's key, or (record id, metric): that record's median
+Row = tuple[str, str, Source, Callable[[float], bool], str]  # name, goal, source, test, unit
+QEMU_DEADLINE = "<= 1000 us (QEMU)"
+DIRECTIONS = ("sink", "source")
+
+
+def _at_least(bound: float) -> Callable[[float], bool]:
+    return lambda v: v >= bound
+
+
+def _at_most(bound: float) -> Callable[[float], bool]:
+    return lambda v: v <= bound
+
+
+def _exactly(want: float) -> Callable[[float], bool]:
+    return lambda v: v == want
+
+
+def _rows(small: str, large: str) -> list[Row]:
+    """The targets read off one ratio or one median, in the report's order up to the
+    virtqueue soak (issue 8's, then issue 15's for the virtqueue data path, the ``vq`` case)."""
+    queues = (small, large)
+    places = ("same-core", "two-cores")
+    return [
+        *(
+            (f"batch raw slots, {q[1:]}-slot queue, vs C", ">= 50%",
+             f"raw.{q}.batch/c", _at_least(0.5), "ratio")
+            for q in queues
+        ),
+        *(
+            (f"per-call put/get, {q[1:]}-slot queue", ">= 1,000,000 slots/s",
+             (f"raw.{q}.per-call", "rate"), _at_least(1e6), "slots/s")
+            for q in queues
+        ),
+        ("encoded encode+put / get+decode", ">= 300,000 msgs/s",
+         ("encoded.codec", "rate"), _at_least(3e5), "msgs/s"),
+        ("round trip p50, eventfd, vs C eventfd ping-pong", "<= 2x",
+         "rtt.eventfd.p50/c", _at_most(2.0), "ratio"),
+        *(
+            (f"round trip p50, eventfd, {slug.replace('-', ' ')}, vs C placed alike", "<= 2x",
+             f"rtt.eventfd.{slug}.p50/c", _at_most(2.0), "ratio")
+            for slug in places
+        ),
+        ("round trip p50, busy-poll", "<= 10 us",
+         ("rtt.python.busy-poll", "p50_us"), _at_most(10.0), "us"),
+        *(
+            (f"round trip p99.9, {mode}", "<= 1000 us",
+             (f"rtt.python.{mode}", "p99_9_us"), _at_most(1000.0), "us")
+            for mode in RTT_MODES
+        ),
+        *(
+            (f"serve loop worst response, {window} in flight, {mode}", QEMU_DEADLINE,
+             (f"flood.{mode}.w{window}", "max_us"), _at_most(1000.0), "us")
+            for mode, window in itertools.product(RTT_MODES, FLOOD_WINDOWS)
+        ),
+        *(
+            (f"virtqueue 64 KiB buffers, {direction}, vs C memcpy", ">= 25%",
+             f"vq.{direction}.65536/memcpy", _at_least(0.25), "ratio")
+            for direction in DIRECTIONS
+        ),
+        *(
+            (f"virtqueue 64 B buffers, {direction}, one way", ">= 300,000 buffers/s",
+             (f"vq.python.{direction}.64", "rate"), _at_least(3e5), "buffers/s")
+            for direction in DIRECTIONS
+        ),
+        ("device's worst response while it works a queue", QEMU_DEADLINE,
+         ("vq.latency", "max_us"), _at_most(1000.0), "us"),
+    ]  # fmt: skip
+
+
+LATE_ROWS: list[Row] = [  # after the soak's: the device under CPU hogs, a new driver
+    *(
+        (f"serve loop p99.9, 1 in flight, CPU hog per core, device {sched}", QEMU_DEADLINE,
+         (f"flood.eventfd.w1.load-{sched}", "p99_9_us"), _at_most(1000.0), "us")
+        for sched in ("fifo", "normal")
+    ),
+    *(
+        (f"first response to a new driver, max, {suffix.replace('-load', ', CPU hogs')}",
+         QEMU_DEADLINE, (f"startup.{suffix}", "max_us"), _at_most(1000.0), "us")
+        for suffix in ("auto", "auto-load")
+    ),
+]  # fmt: skip
+
+HUB_ROWS: list[Row] = [  # issue 18's: linux-v0 through the device hub (the ``hub`` case)
+    *(
+        (f"hub round trip p99.9, {suffix.replace('load-', 'CPU hogs, device ')}", QEMU_DEADLINE,
+         (f"hub.rtt.hub.{suffix}", "p99_9_us"), _at_most(1000.0), "us")
+        for suffix in ("idle", "load-normal", "load-fifo")
+    ),
+    *(
+        (f"hub start-up of 2 devices to DRIVER_OK, max, {suffix.replace('load-', 'CPU hogs, ')}",
+         "<= 100 ms (issue 18)", (f"hub.startup.{suffix}", "max_us"), _at_most(100_000.0), "us")
+        for suffix in ("idle", "load-fifo")
+    ),
+]  # fmt: skip
+
+# The soak's rows: "<N>-buffer " + name; the value is the worst run's largest of the metrics.
+SOAK_ROWS: list[tuple[str, str, tuple[str, ...], Callable[[float], bool], str]] = [
+    ("verified run: lost + duplicated + corrupted (worst run)", "0 (issue: 10^6 buffers)",
+     ("lost", "duplicated", "corrupted"), _exactly(0), "count"),
+    ("run: RSS growth after warm-up, either process (worst run)", f"<= {RSS_SLACK_KIB} KiB",
+     ("driver_rss_growth_kib", "device_rss_growth_kib"), _at_most(RSS_SLACK_KIB), "KiB"),
+    ("run: open fds growth, either process (worst run)", "0",
+     ("driver_fd_growth", "device_fd_growth"), _exactly(0), "count"),
+]  # fmt: skip
+
+
 def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[dict[str, Any]]:
     """The issue's targets, evaluated on this run's medians (met: None when not measured)."""
     small, large = f"q{queue_capacity(SMALL_REGION)}", f"q{queue_capacity(LARGE_REGION)}"
@@ -148,85 +255,19 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
             }
         )
 
-    for q in (small, large):
-        add(
-            f"batch raw slots, {q[1:]}-slot queue, vs C",
-            ">= 50%",
-            rat.get(f"raw.{q}.batch/c"),
-            lambda v: v >= 0.5,
-            "ratio",
-        )
-    for q in (small, large):
-        add(
-            f"per-call put/get, {q[1:]}-slot queue",
-            ">= 1,000,000 slots/s",
-            _median(results, f"raw.{q}.per-call", "rate"),
-            lambda v: v >= 1e6,
-            "slots/s",
-        )
-    add(
-        "encoded encode+put / get+decode",
-        ">= 300,000 msgs/s",
-        _median(results, "encoded.codec", "rate"),
-        lambda v: v >= 3e5,
-        "msgs/s",
-    )
-    add(
-        "round trip p50, eventfd, vs C eventfd ping-pong",
-        "<= 2x",
-        rat.get("rtt.eventfd.p50/c"),
-        lambda v: v <= 2.0,
-        "ratio",
-    )
-    for slug in ("same-core", "two-cores"):
-        add(
-            f"round trip p50, eventfd, {slug.replace('-', ' ')}, vs C placed alike",
-            "<= 2x",
-            rat.get(f"rtt.eventfd.{slug}.p50/c"),
-            lambda v: v <= 2.0,
-            "ratio",
-        )
-    add(
-        "round trip p50, busy-poll",
-        "<= 10 us",
-        _median(results, "rtt.python.busy-poll", "p50_us"),
-        lambda v: v <= 10.0,
-        "us",
-    )
-    for mode in RTT_MODES:
-        add(
-            f"round trip p99.9, {mode}",
-            "<= 1000 us",
-            _median(results, f"rtt.python.{mode}", "p99_9_us"),
-            lambda v: v <= 1000.0,
-            "us",
-        )
-    for mode, window in itertools.product(RTT_MODES, FLOOD_WINDOWS):
-        add(
-            f"serve loop worst response, {window} in flight, {mode}",
-            "<= 1000 us (QEMU)",
-            _median(results, f"flood.{mode}.w{window}", "max_us"),
-            lambda v: v <= 1000.0,
-            "us",
-        )
-    _vq_targets(results, rat, add)
-    for sched in ("fifo", "normal"):
-        add(
-            f"serve loop p99.9, 1 in flight, CPU hog per core, device {sched}",
-            "<= 1000 us (QEMU)",
-            _median(results, f"flood.eventfd.w1.load-{sched}", "p99_9_us"),
-            lambda v: v <= 1000.0,
-            "us",
-        )
-    for suffix in ("auto", "auto-load"):
-        add(
-            f"first response to a new driver, max, {suffix.replace('-load', ', CPU hogs')}",
-            "<= 1000 us (QEMU)",
-            _median(results, f"startup.{suffix}", "max_us"),
-            lambda v: v <= 1000.0,
-            "us",
-        )
-    _hub_targets(results, add)
+    def add_rows(table: list[Row]) -> None:
+        for name, goal, source, ok, unit in table:
+            value = rat.get(source) if isinstance(source, str) else _median(results, *source)
+            add(name, goal, value, ok, unit)
+
+    add_rows(_rows(small, large))
+    soak = results.get("vq.soak")
+    if soak is not None:  # no soak record: no soak rows (not even "not measured")
+        mt, n = soak["metrics"], soak["params"]["count"]
+        for name, goal, keys, ok, unit in SOAK_ROWS:
+            add(f"{_si(n)}-buffer {name}", goal, max(mt[k]["max"] for k in keys), ok, unit)
+    add_rows(LATE_ROWS)
+    add_rows(HUB_ROWS)
     growth = [
         (
             rec["metrics"]["rss_growth_kib"]["max"],
@@ -240,90 +281,10 @@ def targets(results: dict[str, dict[str, Any]], rat: dict[str, float]) -> list[d
         f"RSS growth over >= {_si(fewest)} msgs (2nd half of each Python run)",
         f"<= {RSS_SLACK_KIB} KiB (issue: 10^7 msgs)",
         max(g for g, _ in growth) if growth else None,
-        lambda v: v <= RSS_SLACK_KIB,
+        _at_most(RSS_SLACK_KIB),
         "KiB",
     )
     return rows
-
-
-def _hub_targets(
-    results: dict[str, dict[str, Any]],
-    add: Callable[[str, str, float | None, Callable[[float], bool], str], None],
-) -> None:
-    """Issue 18's: linux-v0 through the device hub (the ``hub`` case)."""
-    for suffix in ("idle", "load-normal", "load-fifo"):
-        add(
-            f"hub round trip p99.9, {suffix.replace('load-', 'CPU hogs, device ')}",
-            "<= 1000 us (QEMU)",
-            _median(results, f"hub.rtt.hub.{suffix}", "p99_9_us"),
-            lambda v: v <= 1000.0,
-            "us",
-        )
-    for suffix in ("idle", "load-fifo"):
-        add(
-            f"hub start-up of 2 devices to DRIVER_OK, max, {suffix.replace('load-', 'CPU hogs, ')}",
-            "<= 100 ms (issue 18)",
-            _median(results, f"hub.startup.{suffix}", "max_us"),
-            lambda v: v <= 100_000.0,
-            "us",
-        )
-
-
-def _vq_targets(
-    results: dict[str, dict[str, Any]],
-    rat: dict[str, float],
-    add: Callable[[str, str, float | None, Callable[[float], bool], str], None],
-) -> None:
-    """Issue 15's: the virtqueue data path (the ``vq`` case)."""
-    for direction in ("sink", "source"):
-        add(
-            f"virtqueue 64 KiB buffers, {direction}, vs C memcpy",
-            ">= 25%",
-            rat.get(f"vq.{direction}.65536/memcpy"),
-            lambda v: v >= 0.25,
-            "ratio",
-        )
-    for direction in ("sink", "source"):
-        add(
-            f"virtqueue 64 B buffers, {direction}, one way",
-            ">= 300,000 buffers/s",
-            _median(results, f"vq.python.{direction}.64", "rate"),
-            lambda v: v >= 3e5,
-            "buffers/s",
-        )
-    add(
-        "device's worst response while it works a queue",
-        "<= 1000 us (QEMU)",
-        _median(results, "vq.latency", "max_us"),
-        lambda v: v <= 1000.0,
-        "us",
-    )
-    soak = results.get("vq.soak")
-    if soak is None:
-        return
-    mt = soak["metrics"]
-    n = soak["params"]["count"]
-    add(
-        f"{_si(n)}-buffer verified run: lost + duplicated + corrupted (worst run)",
-        "0 (issue: 10^6 buffers)",
-        max(mt[k]["max"] for k in ("lost", "duplicated", "corrupted")),
-        lambda v: v == 0,
-        "count",
-    )
-    add(
-        f"{_si(n)}-buffer run: RSS growth after warm-up, either process (worst run)",
-        f"<= {RSS_SLACK_KIB} KiB",
-        max(mt[k]["max"] for k in ("driver_rss_growth_kib", "device_rss_growth_kib")),
-        lambda v: v <= RSS_SLACK_KIB,
-        "KiB",
-    )
-    add(
-        f"{_si(n)}-buffer run: open fds growth, either process (worst run)",
-        "0",
-        max(mt[k]["max"] for k in ("driver_fd_growth", "device_fd_growth")),
-        lambda v: v == 0,
-        "count",
-    )
 
 
 def _si(v: float) -> str:

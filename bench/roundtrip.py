@@ -30,8 +30,8 @@ from ivshmem_bus.bus import (
 from ivshmem_bus.core import protocol as p
 from ivshmem_bus.core.queue import SpscQueue
 from ivshmem_bus.demo import served_device
+from ivshmem_bus.devices import RngDevice
 from ivshmem_bus.native import ffi as _ffi
-from ivshmem_bus.transport import RngDevice
 
 from .harness import (
     CHILD_TIMEOUT,

@@ -21,7 +21,8 @@ from .backends.base import IvshmemDevice
 from .backends.fake import fake_pair
 from .bus import VirtioMsgBus, reset_queues_of
 from .core import protocol as p
-from .transport import DeviceDescription, RngDevice, VirtioMsgDevice, VirtioMsgDriver
+from .devices import RngDevice, VirtioMsgDevice
+from .drivers import DeviceDescription, VirtioMsgDriver
 
 __all__ = ["DemoResult", "run_demo", "served_device", "summarize", "summary"]
 

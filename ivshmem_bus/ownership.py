@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 from .backends.base import IvshmemDevice
 from .bus import DEVICE_QUEUE_OFFSET, DRIVER_QUEUE_OFFSET, QUEUE_SIZE, reset_queues_of
 from .core.queue import CLAIM, CLAIM_OFFSET
+from .core.regs import PEER_IDS, is_peer_id
 from .errors import BarTooSmall, QueueClaimed, RemoteVmidError
 
 __all__ = [
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 Role = Literal["driver", "device"]
 _TX = {"driver": DRIVER_QUEUE_OFFSET, "device": DEVICE_QUEUE_OFFSET}  # the queue a role produces on
 NEED = DEVICE_QUEUE_OFFSET + QUEUE_SIZE  # 8 KiB: the two queues
+POLL_SECONDS = 0.05  # how often an ``auto`` wait reads the peer list and the claim word again
 
 
 def check_bar2(dev: IvshmemDevice, fix: str = "") -> None:
@@ -148,40 +151,63 @@ def _claimed_message(dev: IvshmemDevice, role: Role, owner: int) -> str:
     )
 
 
-def resolve_driver_remote(dev: IvshmemDevice, spec: str, *, hint: str = "") -> int:
+def resolve_driver_remote(
+    dev: IvshmemDevice, spec: str, *, hint: str = "", wait: float = 0.0
+) -> int:
     """For a driver-role end: the device's vmid from ``spec`` (a number, or ``auto``).
 
     ``auto``: the peer that claims the device queue when one does (an ivshmem_bus device),
-    else the one other peer (a QEMU device); the choice is logged with the peers seen.
+    else the one other peer (a QEMU device); the choice is logged with the peers seen. With no
+    peer yet, or several and none claiming, it looks again every ``POLL_SECONDS`` until
+    ``wait`` seconds have passed (a device started with the driver joins meanwhile; a monitor
+    leaves at once): it returns the moment the choice is clear, never after a fixed delay.
+    ``wait=0`` looks once.
 
     Raises:
-        RemoteVmidError: ``auto`` with no peer, or several and none claims the device queue.
+        RemoteVmidError: ``auto`` with no peer, or several and none claims the device queue,
+            when ``wait`` ran out; or on a backend that cannot list peers.
+        ValueError: ``spec`` is neither a number in 0..65535 nor ``auto``.
     """
     if spec != "auto":
-        return int(spec, 0)
-    peers = dev.peers()
-    if peers is None:
-        raise RemoteVmidError(
-            f"{dev.name} cannot list peers: give --remote-vmid N; run 'ivshmem-bus vmid' on the "
-            f"other machine to get N"
-        )
-    owner = claim_of(dev, "device")
-    seen = ", ".join(map(str, sorted(peers))) or "none"
-    if _live(dev, owner, peers):
-        log.info(
-            "%s: peers seen: %s; chose vmid %s (it claims the device queue)", dev.name, seen, owner
-        )
-        return owner  # type: ignore[return-value]
-    if len(peers) == 1:
-        (peer,) = peers
-        log.info("%s: peers seen: %s; chose vmid %d (the only other peer)", dev.name, seen, peer)
-        return peer
+        value = int(spec, 0)
+        if not is_peer_id(value):
+            raise ValueError(f"remote vmid {spec} is not a peer id ({PEER_IDS})")
+        return value
+    deadline = time.monotonic() + wait
+    while True:
+        peers = dev.peers()
+        if peers is None:
+            raise RemoteVmidError(
+                f"{dev.name} cannot list peers: give --remote-vmid N; run 'ivshmem-bus vmid' on "
+                f"the other machine to get N"
+            )
+        owner = claim_of(dev, "device")
+        seen = ", ".join(map(str, sorted(peers))) or "none"
+        if _live(dev, owner, peers):
+            log.info(
+                "%s: peers seen: %s; chose vmid %s (it claims the device queue)",
+                dev.name, seen, owner,
+            )  # fmt: skip
+            return owner  # type: ignore[return-value]
+        if len(peers) == 1:
+            (peer,) = peers
+            log.info(
+                "%s: peers seen: %s; chose vmid %d (the only other peer)", dev.name, seen, peer
+            )
+            return peer
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(POLL_SECONDS, left))  # peers() reads the server's announcements
+    waited = f" after {wait:g} s" if wait > 0 else ""
     if not peers:
         raise RemoteVmidError(
-            f"{dev.name}: no other peer is connected: start the device first "
+            f"{dev.name}: no other peer is connected{waited}: start the device first "
             f"({hint or 'ivshmem-bus serve on the same fabric'})"
         )
-    raise RemoteVmidError(f"{dev.name}: several peers ({seen}): choose one with --remote-vmid N")
+    raise RemoteVmidError(
+        f"{dev.name}: several peers ({seen}){waited}: choose one with --remote-vmid N"
+    )
 
 
 class PeerChoice:

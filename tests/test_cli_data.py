@@ -153,6 +153,48 @@ def test_rng_with_nobody_serving_fails_with_a_message(tmp_path, fabric):
     assert b"no response" in got.stderr
 
 
+@pytest.mark.parametrize(("command", "serve"), [("rng", ""), ("console", " --device-type console")])
+def test_auto_with_nobody_serving_fails_naming_serve_after_the_timeout(fabric, command, serve):
+    t0 = time.monotonic()
+    got = run(command, "--fake", str(fabric), "--timeout", "0.5", stdin=b"")
+    took = time.monotonic() - t0
+    assert got.returncode == 1 and got.stdout == b""
+    assert got.stderr.decode().splitlines() == [
+        f"ivshmem-bus: error: ivshmem server {fabric}/ivshmem.sock (peer 0): no other peer is "
+        f"connected after 0.5 s: start the device first (ivshmem-bus serve --fake {fabric}"
+        f"{serve})"
+    ]
+    assert took >= 0.5
+
+
+def test_rng_started_before_serve_waits_for_it_within_the_timeout(tmp_path, fabric):
+    data = os.urandom(10_000)
+    (tmp_path / "src").write_bytes(data)
+    fake = run("rng", "--fake", str(fabric), "--remote-vmid", "7", "--timeout", "0.1")
+    assert fake.returncode == 1  # it started the fabric's server: serve below cannot race rng to it
+    rng = subprocess.Popen(
+        cli("rng", "--fake", str(fabric), "-n", "10000", "--timeout", "20"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)  # the test's own pause: rng is waiting with no peer yet
+        assert rng.poll() is None
+        serve = Serve(  # the driver started first: serve must not zero its request (--help)
+            tmp_path, fabric, "--device-type", "rng", "--source", str(tmp_path / "src"),
+            "--no-reset-queues",
+        )  # fmt: skip
+        try:
+            out, err = rng.communicate(timeout=30)
+        finally:
+            assert serve.stop() == 0
+    finally:
+        if rng.poll() is None:
+            rng.kill()
+            rng.wait()
+    assert rng.returncode == 0, err
+    assert out == data
+
+
 def test_console_bytes_both_ways_through_the_commands(tmp_path, fabric):
     host_r, host_w = os.pipe()
     serve = Serve(tmp_path, fabric, "--device-type", "console", stdin=host_r)
@@ -206,22 +248,23 @@ def test_a_terminal_console_follows_the_terminal_size(tmp_path, fabric):
 
     from ivshmem_bus.backends import open_backend
     from ivshmem_bus.backends.fabric import fake_socket
-    from ivshmem_bus.backends.peers import resolve_remote_vmid
     from ivshmem_bus.bus import VirtioMsgBus
     from ivshmem_bus.drivers import ConsoleDriver, VirtioMsgDriver
     from ivshmem_bus.memory import open_window
+    from ivshmem_bus.ownership import resolve_driver_remote
 
     master, slave = pty.openpty()
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     try:
         fake_socket(str(fabric))  # the fabric's server, before either side joins
         serve = subprocess.Popen(
-            cli("serve", "--fake", str(fabric), "--device-type", "console"),
+            # the driver below may join first: serve must not zero its request (--help)
+            cli("serve", "--fake", str(fabric), "--device-type", "console", "--no-reset-queues"),
             stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.DEVNULL, cwd=ROOT,
         )  # fmt: skip
         try:
             with open_backend(fake=str(fabric)) as dev:
-                remote = resolve_remote_vmid(dev, "auto", wait=10)
+                remote = resolve_driver_remote(dev, "auto", wait=10)
                 with (
                     VirtioMsgBus(dev, "driver", remote) as bus,
                     open_window("pool", device=dev, role="driver") as window,

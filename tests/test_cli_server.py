@@ -77,7 +77,7 @@ def test_serve_prints_status_changes_and_stops_cleanly(fabric, tmp_path):
     sock, server, serve = fabric
     from ivshmem_bus.backends.server_client import ServerClientDevice
     from ivshmem_bus.bus import VirtioMsgBus
-    from ivshmem_bus.transport import VirtioMsgDriver
+    from ivshmem_bus.drivers import VirtioMsgDriver
 
     with ServerClientDevice(sock, vectors=2) as dev, VirtioMsgBus(dev, "driver", 0) as bus:
         VirtioMsgDriver(bus, timeout=5).initialize()

@@ -42,9 +42,9 @@ from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.backends.server_client import ServerClientDevice
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.core import protocol as p
+from ivshmem_bus.devices import RngDevice
 from ivshmem_bus.errors import BusTimeout
 from ivshmem_bus.server import IvshmemServer
-from ivshmem_bus.transport import RngDevice
 
 CTX = multiprocessing.get_context("fork")
 CYCLES = 3  # kill / restart rounds per test

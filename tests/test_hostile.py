@@ -52,9 +52,9 @@ from ivshmem_bus.bus import (
 )
 from ivshmem_bus.core import protocol as p
 from ivshmem_bus.core.queue import POLLING_OFFSET, QUEUE_HEADER_SIZE, SLOT_SIZE, queue_capacity
+from ivshmem_bus.devices import RngDevice
 from ivshmem_bus.errors import BusTimeout, ProtocolError, QueueCorrupt, ServerClientError
 from ivshmem_bus.server import IvshmemServer
-from ivshmem_bus.transport import RngDevice
 
 SHM_SIZE = 1 << 20  # the fake pair's default BAR2
 QUEUES_END = DEVICE_QUEUE_OFFSET + QUEUE_SIZE  # 0x2000: nothing past here is the bus's

@@ -32,8 +32,9 @@ from ivshmem_bus.backends.linux_user import (
 from ivshmem_bus.bus import VirtioMsgBus
 from ivshmem_bus.core import protocol
 from ivshmem_bus.core.queue import SpscQueue
+from ivshmem_bus.devices import RngDevice
+from ivshmem_bus.drivers import VirtioMsgDriver
 from ivshmem_bus.errors import LinuxUserError
-from ivshmem_bus.transport import RngDevice, VirtioMsgDriver
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).with_name("linux_user_peer.py")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import signal
 import struct
+import threading
+import time
 
 import pytest
 from hypothesis import given
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 
 from ivshmem_bus import ownership
 from ivshmem_bus.backends.server_client import ServerClientDevice
-from ivshmem_bus.errors import QueueClaimed
+from ivshmem_bus.errors import QueueClaimed, RemoteVmidError
 from ivshmem_bus.server import IvshmemServer
 
 from .clitools import Background, run
@@ -189,3 +191,94 @@ def test_serve_auto_needs_a_peer_list(monkeypatch):
     finally:
         a.close()
         b.close()
+
+
+# --- The driver's choice of device with ``auto``: looked for until ``wait`` runs out ---------
+
+
+def test_auto_driver_with_one_peer_returns_at_once_whatever_the_wait(fabric):
+    with ServerClientDevice(fabric, 2) as device, ServerClientDevice(fabric, 2) as driver:
+        t0 = time.monotonic()
+        assert ownership.resolve_driver_remote(driver, "auto", wait=30) == device.vmid
+        assert time.monotonic() - t0 < 1.0  # no settle delay: the choice was clear
+
+
+def test_auto_driver_waits_for_a_device_that_joins_later(fabric):
+    with ServerClientDevice(fabric, 2) as driver:
+        joined: list[ServerClientDevice] = []
+        later = threading.Timer(0.3, lambda: joined.append(ServerClientDevice(fabric, 2)))
+        later.start()
+        try:
+            t0 = time.monotonic()
+            got = ownership.resolve_driver_remote(driver, "auto", wait=30)
+            took = time.monotonic() - t0
+            later.join()
+            assert got == joined[0].vmid == driver.vmid + 1
+        finally:
+            later.join()
+            for dev in joined:
+                dev.close()
+        assert 0.2 < took < 10.0  # it came back when the peer joined, far from the 30 s
+
+
+def test_auto_driver_with_no_peer_fails_naming_the_fix_after_the_wait(fabric):
+    with ServerClientDevice(fabric, 2) as driver:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteVmidError) as err:
+            ownership.resolve_driver_remote(driver, "auto", hint="serve it", wait=0.4)
+        took = time.monotonic() - t0
+    assert str(err.value) == (
+        f"ivshmem server {fabric} (peer 0): no other peer is connected after 0.4 s: start the "
+        f"device first (serve it)"
+    )
+    assert 0.4 <= took < 5.0
+    with ServerClientDevice(fabric, 2) as driver:  # wait=0: one look, the same error at once
+        t0 = time.monotonic()
+        with pytest.raises(RemoteVmidError, match=r"connected: start the device first \(ivsh"):
+            ownership.resolve_driver_remote(driver, "auto")
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_auto_driver_with_several_unclaimed_peers_fails_listing_them(fabric):
+    with ServerClientDevice(fabric, 2) as a, ServerClientDevice(fabric, 2) as b, \
+            ServerClientDevice(fabric, 2) as driver:  # fmt: skip
+        t0 = time.monotonic()
+        with pytest.raises(RemoteVmidError) as err:
+            ownership.resolve_driver_remote(driver, "auto", wait=0.4)
+        assert time.monotonic() - t0 >= 0.4
+        assert str(err.value).endswith(
+            f"several peers ({a.vmid}, {b.vmid}) after 0.4 s: choose one with --remote-vmid N"
+        )
+
+
+def test_auto_driver_takes_the_peer_left_when_a_monitor_leaves_during_the_wait(fabric):
+    with ServerClientDevice(fabric, 2) as device, ServerClientDevice(fabric, 2) as driver:
+        monitor = ServerClientDevice(fabric, 2)  # a tap joins to take BAR2, and leaves
+        later = threading.Timer(0.3, monitor.close)
+        later.start()
+        try:
+            assert ownership.resolve_driver_remote(driver, "auto", wait=30) == device.vmid
+        finally:
+            later.join()
+
+
+def test_auto_driver_takes_a_device_that_claims_during_the_wait(fabric):
+    with ServerClientDevice(fabric, 2) as other, ServerClientDevice(fabric, 2) as device, \
+            ServerClientDevice(fabric, 2) as driver:  # fmt: skip
+        later = threading.Timer(0.3, ownership.claim, (device, "device"))
+        later.start()
+        try:
+            assert ownership.resolve_driver_remote(driver, "auto", wait=30) == device.vmid
+        finally:
+            later.join()
+        assert other.vmid != device.vmid
+
+
+@pytest.mark.parametrize(("spec", "want"), [("46", 46), ("0x2e", 46), ("0", 0), ("65535", 65535)])
+def test_a_given_remote_vmid_is_that_number(spec, want):
+    assert ownership.resolve_driver_remote(None, spec) == want  # type: ignore[arg-type]
+
+
+def test_a_remote_vmid_past_65535_is_refused():
+    with pytest.raises(ValueError, match="remote vmid 65536 is not a peer id"):
+        ownership.resolve_driver_remote(None, "65536")  # type: ignore[arg-type]

@@ -10,19 +10,18 @@ import pytest
 from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.core import protocol as p
-from ivshmem_bus.demo import served_device
-from ivshmem_bus.errors import BusTimeout
-from ivshmem_bus.transport import (
+from ivshmem_bus.core.virtio import (
     ACKNOWLEDGE,
     DRIVER,
     DRIVER_OK,
     FEATURES_OK,
-    RngDevice,
-    VirtioMsgDevice,
-    VirtioMsgDriver,
     feature_names,
     status_names,
 )
+from ivshmem_bus.demo import served_device
+from ivshmem_bus.devices import RngDevice, VirtioMsgDevice
+from ivshmem_bus.drivers import VirtioMsgDriver
+from ivshmem_bus.errors import BusTimeout
 
 
 class ConfigDevice(VirtioMsgDevice):

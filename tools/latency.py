@@ -30,7 +30,7 @@ from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus, reset_queues_of
 from ivshmem_bus.core import protocol as p
 from ivshmem_bus.demo import served_device
-from ivshmem_bus.transport import RngDevice
+from ivshmem_bus.devices import RngDevice
 
 MODES = {"busy-poll": 1.0, "eventfd": 0.0}  # spin seconds on both sides
 

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # run from a source tree
 from ivshmem_bus.backends.fake import fake_pair
 from ivshmem_bus.bus import VirtioMsgBus
 from ivshmem_bus.core import protocol as p
-from ivshmem_bus.transport import RngDevice
+from ivshmem_bus.devices import RngDevice
 
 
 def main(argv: list[str] | None = None) -> int:

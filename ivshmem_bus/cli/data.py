@@ -49,6 +49,10 @@ def _offset_arg(text: str) -> int:
 
 
 DEVICE_TYPES = ("rng", "console")
+TIMEOUT_HELP = (
+    "how long to wait for each answer, and with --remote-vmid auto for the device's peer "
+    "(default 2)"
+)
 
 
 def _device_types(text: str) -> list[str]:
@@ -102,14 +106,14 @@ def add_data_commands(
         "-n", "--bytes", type=_bytes_arg, default=4096, metavar="BYTES",
         help="how many bytes (K, M, G suffixes; default 4096)",
     )  # fmt: skip
-    rng.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+    rng.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help=TIMEOUT_HELP)
     rng.set_defaults(func=cmd_rng)
 
     console = sub.add_parser(
         "console", help="attach this terminal (or stdin/stdout) to the remote virtio console"
     )
     add_backend_args(console)
-    console.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+    console.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help=TIMEOUT_HELP)
     console.add_argument(
         "--linger", type=float, default=0.5, metavar="SECONDS",
         help="after stdin ends, keep printing until the device is quiet this long",
@@ -122,13 +126,16 @@ def _driver_link(
     args: argparse.Namespace,
 ) -> Iterator[tuple[VirtioMsgDriver, PoolWindow | PlainWindow | FileWindow]]:
     """(transport driver, the driver's window) on the backend the options name."""
-    from ..backends.peers import resolve_remote_vmid
     from ..bus import VirtioMsgBus
     from ..drivers import VirtioMsgDriver
-    from .link import _backend
+    from ..ownership import resolve_driver_remote
+    from .args import backend, serve_hint
 
-    with _backend(args) as dev:
-        remote = resolve_remote_vmid(dev, args.remote_vmid)
+    hint = serve_hint(args)
+    if args.func is cmd_console and (args.server or args.fake):
+        hint += " --device-type console"  # serve's default device is the rng
+    with backend(args) as dev:
+        remote = resolve_driver_remote(dev, args.remote_vmid, hint=hint, wait=args.timeout)
         with (
             VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
             _driver_window(args, dev) as window,

@@ -1,7 +1,7 @@
-"""Handlers of the link commands: demo, server, serve, probe, ping, monitor.
+"""The link commands: demo, server, serve, probe, ping, monitor: their parsers and handlers.
 
-Printing only: each handler calls the library and prints what it returns; ``cli.py`` owns the
-parser and the exit codes.
+Printing only: each handler calls the library and prints what it returns; ``cli/__init__.py``
+owns the top-level parser and the exit codes.
 """
 
 from __future__ import annotations
@@ -11,17 +11,31 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ..core import protocol
 from ..errors import MonitorError
 from . import signals
+from .args import (
+    COUNT,
+    SECONDS,
+    TIMEOUT,
+    add_backend_args,
+    add_linux_user_options,
+    backend,
+    default_to_fake,
+    number,
+    serve_hint,
+    size_arg,
+    vectors_arg,
+)
+from .data import add_serve_args
 
 if TYPE_CHECKING:  # annotations only: the commands import their layers when they run
     from ..backends.base import IvshmemDevice
     from ..bus import VirtioMsgBus
-    from ..transport import DeviceDescription
+    from ..drivers import DeviceDescription
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -46,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    from ..transport import feature_names, status_names
+    from ..core.virtio import feature_names, status_names
 
     print(
         f"fake ivshmem pair (no hardware): driver vmid {result.driver_vmid} <-> "
@@ -72,39 +86,6 @@ def _print_description(vmid: int, d: DeviceDescription) -> None:
     print(f"  config:    {d.config_size} bytes")
     queues = ", ".join(f"{q.index} (max {q.max_size})" for q in d.queues) or "none"
     print(f"  queues:    {queues}")
-
-
-def _backend(args: argparse.Namespace) -> IvshmemDevice:
-    from ..backends import open_backend
-
-    _default_to_fake(args)
-    return open_backend(
-        server=args.server, device=args.device, fake=args.fake, vectors=args.vectors,
-        linux_user=args.linux_user, listen=getattr(args, "listen", False),
-        bus_name=args.bus_name, queue_dir=args.queue_dir, mem=getattr(args, "mem", None),
-        mem_offset=getattr(args, "mem_offset", None),
-    )  # fmt: skip
-
-
-def _default_to_fake(args: argparse.Namespace) -> None:
-    """No backend named: the fake device where no ivshmem hardware is present (said so)."""
-    if args.server or getattr(args, "device", None) or args.fake or args.linux_user:
-        return
-    from ..backends.fabric import default_fake_dir
-    from ..backends.vfio import pci
-
-    found = pci.list_ivshmem(args.sysfs)
-    if found:
-        raise ValueError(
-            f"ivshmem hardware is present ({', '.join(f.bdf for f in found)}): choose "
-            f"--device BDF, --server PATH or --fake DIR"
-        )
-    args.fake = default_fake_dir()
-    print(
-        f"no ivshmem hardware: using the fake device (a private fabric in {args.fake})",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -149,8 +130,8 @@ def check_linux_vmid(dev: IvshmemDevice, profile: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..core.virtio import status_names
     from ..serving import serve_link
-    from ..transport import status_names
 
     if len(args.device_type) > 1 and args.profile == "qemu-v0":
         raise ValueError(
@@ -164,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reset = args.reset_queues if args.reset_queues is not None else args.profile != "linux-v0"
     from ..ownership import check_bar2
 
-    with _backend(args) as dev:
+    with backend(args) as dev:
         check_linux_vmid(dev, args.profile)
         check_bar2(dev, _bar_fix(args))  # before the device's window needs BAR2's pool
         with args.served_device(args, dev) as devices:  # cli.data's
@@ -204,14 +185,6 @@ def _bar_fix(args: argparse.Namespace) -> str:
     return "give the ivshmem device a memory backend of 8K or more"
 
 
-def _serve_hint(args: argparse.Namespace) -> str:
-    if args.server:
-        return f"ivshmem-bus serve --server {args.server}"
-    if args.fake:
-        return f"ivshmem-bus serve --fake {args.fake}"
-    return "ivshmem-bus serve --device BDF on the other machine"
-
-
 @contextlib.contextmanager
 def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
     """The driver role's bus, with the driver queue claimed for its duration."""
@@ -219,7 +192,7 @@ def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
     from ..ownership import check_bar2, claimed, resolve_driver_remote
 
     check_bar2(dev, _bar_fix(args))
-    remote = resolve_driver_remote(dev, args.remote_vmid, hint=_serve_hint(args))
+    remote = resolve_driver_remote(dev, args.remote_vmid, hint=serve_hint(args))
     with (
         claimed(dev, "driver"),
         VirtioMsgBus(dev, "driver", remote, args.profile, coalesce=args.coalesce) as bus,
@@ -228,9 +201,9 @@ def _driver_link(args: argparse.Namespace, dev) -> Iterator[VirtioMsgBus]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from ..transport import VirtioMsgDriver
+    from ..drivers import VirtioMsgDriver
 
-    with _backend(args) as dev:
+    with backend(args) as dev:
         vmid = dev.vmid  # read while the device is open (a VFIO BAR0 goes with it)
         with _driver_link(args, dev) as bus:
             d = VirtioMsgDriver(bus, timeout=args.timeout).probe()
@@ -245,7 +218,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_ping(args: argparse.Namespace) -> int:
     from ..ping import ping
 
-    with _backend(args) as dev, _driver_link(args, dev) as bus:
+    with backend(args) as dev, _driver_link(args, dev) as bus:
         stop = signals.stop_event()
         print(f"PING vmid {bus.remote_vmid} from vmid {dev.vmid} over {dev.name} ({args.profile})")
         result = ping(bus, args.count, args.interval, args.timeout, stop, _say)
@@ -289,7 +262,7 @@ def _monitor_fd(args: argparse.Namespace) -> int:
     from ..backends.server_client import fetch_shared_memory
 
     if not args.server:
-        _default_to_fake(args)
+        default_to_fake(args)
     return fetch_shared_memory(args.server or fake_socket(args.fake))
 
 
@@ -307,3 +280,136 @@ def _monitor_linux_user(args: argparse.Namespace) -> int:
         for seen in tap.follow(args.interval, args.duration, stop=stop.is_set, count=args.count):
             print(seen.describe(args.profile), flush=True)
     return 0
+
+
+# -- parsers ---------------------------------------------------------------------------------
+
+
+def add_link_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The link commands' parsers, in the order ``--help`` lists them."""
+    for add in (_add_demo, _add_server, _add_serve, _add_probe, _add_ping, _add_monitor):
+        add(sub)
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``demo``: the whole bus over a fake pair, no hardware."""
+    demo = sub.add_parser(
+        "demo",
+        help="probe a Python virtio device over a fake ivshmem pair (no hardware, no root)",
+        description="Run the rng virtio device in a child process and probe it from a "
+        "driver over a fake ivshmem pair: the whole bus with no hardware.",
+    )
+    demo.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
+    demo.add_argument("--round-trips", type=number(int, 0), default=1000, metavar="N")
+    demo.add_argument("--json", action="store_true", help="machine-readable output")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _add_server(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``server``: QEMU's ivshmem-server, its option letters."""
+    server = sub.add_parser(
+        "server",
+        help="a QEMU-compatible ivshmem server (option letters as QEMU's ivshmem-server)",
+        description="Serve shared memory and doorbell eventfds to QEMU ivshmem-doorbell "
+        "devices and host peers over a UNIX socket. Runs in the foreground until SIGINT/SIGTERM.",
+    )
+    server.add_argument("-S", dest="socket", default="/tmp/ivshmem_socket", metavar="PATH")
+    server.add_argument(
+        "-l", dest="size", type=size_arg, default="4M", metavar="SIZE", help="e.g. 4M, 1G"
+    )
+    server.add_argument("-n", dest="vectors", type=vectors_arg, default=1, metavar="VECTORS")
+    memory = server.add_mutually_exclusive_group()
+    memory.add_argument("-m", "--shm", dest="shm", metavar="PATH", help="file to share")
+    memory.add_argument(
+        "-M", dest="shm_name", metavar="NAME",
+        help="POSIX shared-memory object /dev/shm/NAME, used as a -m file (kept at exit)",
+    )  # fmt: skip
+    server.add_argument("-F", dest="foreground", action="store_true", help="foreground (default)")
+    server.add_argument("-p", dest="pid_file", metavar="PIDFILE", help="write our pid there")
+    server.add_argument("--max-peers", type=number(int, 1), default=64)
+    server.add_argument(
+        "--idle-exit",
+        type=SECONDS,
+        default=None,
+        metavar="SECONDS",
+        help="exit after SECONDS with no peer (fake fabrics use this)",
+    )
+    server.set_defaults(func=cmd_server)
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``serve``: the device role (its device options: ``data.add_serve_args``)."""
+    serve = sub.add_parser("serve", help="run the Python virtio-msg device (device role)")
+    add_backend_args(serve, mem=False)  # its --mem and --mem-offset: add_serve_args
+    add_serve_args(serve)
+    serve.add_argument(
+        "--wait",
+        type=SECONDS,
+        default=float("inf"),
+        metavar="SECONDS",
+        help="with --remote-vmid auto: how long to wait for the driver's peer",
+    )
+    serve.add_argument(
+        "--sched",
+        choices=["auto", "fifo", "normal"],
+        default="auto",
+        help="real-time scheduling for QEMU's 1 ms deadline on a busy machine (auto: "
+        "SCHED_FIFO when permitted, e.g. as root)",
+    )
+    resets = serve.add_mutually_exclusive_group()
+    resets.add_argument(
+        "--no-reset-queues",
+        dest="reset_queues",
+        action="store_false",
+        default=None,
+        help="do not zero the queues at start (the driver side started first; the default "
+        "with --profile linux-v0)",
+    )
+    resets.add_argument(
+        "--reset-queues",
+        dest="reset_queues",
+        action="store_true",
+        help="zero the queues at start (the default except with --profile linux-v0)",
+    )
+    serve.set_defaults(func=cmd_serve, listen=True)  # --linux-user: QEMU's driver connects
+
+
+def _add_probe(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``probe``: the driver role's description of the device."""
+    probe = sub.add_parser("probe", help="describe the remote virtio-msg device (driver role)")
+    add_backend_args(probe)
+    probe.add_argument("--timeout", type=TIMEOUT, default=1.0, metavar="SECONDS")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(func=cmd_probe)
+
+
+def _add_ping(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``ping``: bus round trips."""
+    ping = sub.add_parser("ping", help="bus round-trip check, like ping")
+    add_backend_args(ping)
+    ping.add_argument("-c", "--count", type=COUNT, default=5)
+    ping.add_argument("-i", "--interval", type=SECONDS, default=0.2, metavar="SECONDS")
+    ping.add_argument("--timeout", type=TIMEOUT, default=1.0, metavar="SECONDS")
+    ping.set_defaults(func=cmd_ping)
+
+
+def _add_monitor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``monitor``: the read-only tap (its own sources: it never joins as a peer)."""
+    monitor = sub.add_parser(
+        "monitor", help="read-only tap on both queues of a live link (never writes)"
+    )
+    src = monitor.add_mutually_exclusive_group()
+    src.add_argument("--server", metavar="PATH", help="take BAR2 from this server, then hang up")
+    src.add_argument("--fake", metavar="DIR", help="the fake fabric in DIR (the default)")
+    src.add_argument("--shm", metavar="FILE", help="a shared-memory file (the server's -m)")
+    src.add_argument(
+        "--linux-user", metavar="SOCKET",
+        help="QEMU's linux-user bus: its queue files, read-only (the socket is not touched)",
+    )  # fmt: skip
+    add_linux_user_options(monitor)
+    monitor.add_argument("--profile", choices=protocol.PROFILES, default="qemu-v0")
+    monitor.add_argument("--pcap", metavar="FILE", help="also write a pcap (tools/virtio-msg.lua)")
+    monitor.add_argument("--count", type=number(int, 0), default=0, help="stop after N messages")
+    monitor.add_argument("--duration", type=SECONDS, default=None, metavar="SECONDS")
+    monitor.add_argument("--interval", type=TIMEOUT, default=1e-4, metavar="SECONDS")
+    monitor.set_defaults(func=cmd_monitor)

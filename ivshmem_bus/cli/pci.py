@@ -1,4 +1,4 @@
-"""Handlers of the PCI commands: list, vmid, bind, unbind (printing only)."""
+"""The PCI commands: list, vmid, bind, unbind: their parsers and handlers (printing only)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import IvshmemBusError, PciError
+from .args import bdf_arg
 
 if TYPE_CHECKING:  # the VFIO edge loads only for the commands that use it
     from ..backends.vfio.pci import PciFunction
@@ -142,3 +143,46 @@ def cmd_unbind(args: argparse.Namespace) -> int:
     now = pci.unbind(args.bdf, root=args.sysfs)
     print(f"{pci.normalize_bdf(args.bdf)} released from vfio-pci; now on {now or 'no driver'}")
     return 0
+
+
+# -- parsers ---------------------------------------------------------------------------------
+
+
+def add_pci_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The PCI commands' parsers, in the order ``--help`` lists them."""
+    for add in (_add_list, _add_vmid, _add_bind, _add_unbind):
+        add(sub)
+
+
+def _add_list(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``list``: every ivshmem function, as a table or JSON."""
+    lst = sub.add_parser("list", help="every ivshmem PCI function, like lspci")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+
+def _add_vmid(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``vmid [BDF]``: this machine's IVPosition (also ``ivshmem-vmid``)."""
+    vmid = sub.add_parser("vmid", help="this machine's VMID (IVPosition), for the other side")
+    vmid.add_argument("bdf", nargs="?", type=bdf_arg, metavar="BDF")
+    vmid.add_argument("--format", choices=["hex", "dec"], default="hex")
+    vmid.set_defaults(func=cmd_vmid)
+
+
+def _add_bind(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``bind BDF``: to vfio-pci, no-IOMMU only when asked."""
+    bind = sub.add_parser("bind", help="bind an ivshmem function to vfio-pci (root)")
+    bind.add_argument("bdf", type=bdf_arg, metavar="BDF")
+    bind.add_argument(
+        "--noiommu",
+        action="store_true",
+        help="allow no-IOMMU mode (unrestricted DMA; taints the kernel)",
+    )
+    bind.set_defaults(func=cmd_bind)
+
+
+def _add_unbind(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``unbind BDF``: back to the previous driver."""
+    unbind = sub.add_parser("unbind", help="give the function back to its previous driver (root)")
+    unbind.add_argument("bdf", type=bdf_arg, metavar="BDF")
+    unbind.set_defaults(func=cmd_unbind)

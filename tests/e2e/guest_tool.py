@@ -133,7 +133,7 @@ def doorbell_session(dev, token: str, label: str, me: str, peer: str, peer_vmid:
 def serve_rng(dev, remote: int, stop, profile: str = "qemu-v0") -> int:
     """Serve the Python rng device on a device-role bus until ``stop()``; messages handled."""
     from ivshmem_bus.bus import VirtioMsgBus
-    from ivshmem_bus.transport import RngDevice
+    from ivshmem_bus.devices import RngDevice
 
     with VirtioMsgBus(dev, "device", remote, profile, reset_queues=True) as bus:
         return RngDevice(profile).serve(bus, stop)
@@ -142,7 +142,7 @@ def serve_rng(dev, remote: int, stop, profile: str = "qemu-v0") -> int:
 def round_trips(dev, remote: int, count: int, timeout: float) -> dict:
     """Probe, then ``count`` GET_DEVICE_STATUS round trips, driver role."""
     from ivshmem_bus.bus import VirtioMsgBus
-    from ivshmem_bus.transport import VirtioMsgDriver
+    from ivshmem_bus.drivers import VirtioMsgDriver
 
     with VirtioMsgBus(dev, "driver", remote) as bus:
         driver = VirtioMsgDriver(bus, timeout=timeout)

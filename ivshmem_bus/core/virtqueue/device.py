@@ -27,7 +27,6 @@ from ..window import BufferWindow, MemoryWindow
 from .chain import Chain
 from .layout import (
     DESC,
-    IDX_OFF,
     MAX_QUEUE_SIZE,
     RING_HEADER,
     USED_ELEM_SIZE,
@@ -37,6 +36,7 @@ from .layout import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     VirtqLayout,
+    ring_views,
     vring_need_event,
 )
 
@@ -52,6 +52,27 @@ _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
 _INDIRECT = VIRTQ_DESC_F_INDIRECT
 _FIX = "the driver wrote a corrupt virtqueue; reset the device to recover"
+
+
+def _name(head: int, outer: int, i: int) -> str:
+    """How an error names descriptor ``i`` of chain ``head``: in the descriptor table
+    (``outer`` -1), or in the indirect table that descriptor ``outer`` points to."""
+    if outer < 0:
+        return f"chain head={head}: descriptor {i}"
+    return f"chain head={head}: descriptor {outer}: indirect descriptor {i}"
+
+
+def _loop_message(head: int, outer: int, n: int, i: int, nxt: int) -> str:
+    """The error for a chain longer than its table (``n`` descriptors): a loop."""
+    if outer < 0:
+        return (
+            f"chain head={head} is longer than the queue size {n} "
+            f"(descriptor {i} next={nxt}: a loop)"
+        )
+    return (
+        f"chain head={head}: descriptor {outer}: the chain in the indirect table is longer "
+        f"than its {n} descriptors (indirect descriptor {i} next={nxt}: a loop)"
+    )
 
 
 class DeviceQueue:
@@ -80,7 +101,7 @@ class DeviceQueue:
         indirect: bool = False,
         base_idx: int = 0,
     ) -> None:
-        layout.check(window, MAX_QUEUE_SIZE, queue=index)
+        rings = ring_views(window, layout, index)
         self.index = index
         self.layout = layout
         self.broken = False
@@ -93,10 +114,7 @@ class DeviceQueue:
         self._mask = size - 1
         self._event_idx = event_idx
         self._indirect = indirect
-        desc_len, avail_len, used_len = layout.area_sizes(size)
-        self._desc = window.view(layout.desc_addr, desc_len)
-        self._avail = window.view(layout.avail_addr, avail_len)
-        self._used = window.view(layout.used_addr, used_len)
+        self._desc, self._avail, self._used = rings.desc, rings.avail, rings.used
         # Typed views of the two rings for the data path: one item access per ring entry or
         # used-element field instead of a struct call (native order: the project's hosts are
         # little-endian, as the window's own 16-bit accesses already assume).
@@ -107,12 +125,12 @@ class DeviceQueue:
         flat = isinstance(window, BufferWindow) and type(window).view is BufferWindow.view
         self._flat = window.buffer if isinstance(window, BufferWindow) and flat else None
         self._flat_base = window.base
-        self._avail_flags_addr = layout.avail_addr
-        self._avail_idx_addr = layout.avail_addr + IDX_OFF
-        self._used_event_addr = layout.avail_addr + RING_HEADER + 2 * size
-        self._used_flags_addr = layout.used_addr
-        self._used_idx_addr = layout.used_addr + IDX_OFF
-        self._avail_event_addr = layout.used_addr + RING_HEADER + USED_ELEM_SIZE * size
+        self._avail_flags_addr = rings.avail_flags
+        self._avail_idx_addr = rings.avail_idx
+        self._used_event_addr = rings.used_event
+        self._used_flags_addr = rings.used_flags
+        self._used_idx_addr = rings.used_idx
+        self._avail_event_addr = rings.avail_event
         base = base_idx & 0xFFFF
         self._last_avail = base  # next ring index to pop
         self._avail_seen = base  # avail.idx as last read (checked)
@@ -207,62 +225,58 @@ class DeviceQueue:
                     return Chain(head, [], [buf])
                 return Chain(head, [buf.toreadonly()], [])
         # The walk, inline (the data path): one descriptor read, one checked view per step;
-        # at most ``size`` steps, each one counted before ``next`` is followed.
+        # at most ``n`` steps in a table, each one counted before ``next`` is followed. An
+        # INDIRECT descriptor in the descriptor table switches the walk to its table
+        # (``outer``: that descriptor; -1 while in the descriptor table), where the chain ends.
         view = self._view
         unpack = DESC.unpack_from
         readable: list[memoryview] = []
         writable: list[memoryview] = []
+        table, n, outer = desc, size, -1
         i = head
         count = 1
         while True:
-            addr, length, flags, nxt = unpack(desc, i << 4)
+            addr, length, flags, nxt = unpack(table, i << 4)
             if flags & _INDIRECT:
-                self._walk_indirect(head, i, addr, length, flags, readable, writable)
-                break
+                if outer >= 0:
+                    raise self._break(
+                        f"{_name(head, outer, i)} is itself INDIRECT (a table in a table)"
+                    )
+                table, n = self._indirect_table(head, i, addr, length, flags)
+                outer, i, count = i, 0, 1
+                continue
             try:
                 buf = view(addr, length)
             except WindowError:
                 raise self._break(
-                    f"chain head={head}: descriptor {i} addr=0x{addr:x} len={length} lies "
-                    f"outside {self._window.name}"
+                    f"{_name(head, outer, i)} addr=0x{addr:x} len={length} lies outside "
+                    f"{self._window.name}"
                 ) from None
             if flags & _WRITE:
                 writable.append(buf)
             elif writable:
                 raise self._break(
-                    f"chain head={head}: descriptor {i} is device-readable after a "
-                    f"device-writable one (flags=0x{flags:x})"
+                    f"{_name(head, outer, i)} is device-readable after a device-writable one "
+                    f"(flags=0x{flags:x})"
                 )
             else:
                 readable.append(buf.toreadonly())
             if not flags & _NEXT:
                 break
-            if count >= size:
-                raise self._break(
-                    f"chain head={head} is longer than the queue size {size} "
-                    f"(descriptor {i} next={nxt}: a loop)"
-                )
-            if nxt >= size:
-                raise self._break(
-                    f"chain head={head}: descriptor {i} next={nxt} is out of range "
-                    f"(queue size {size})"
-                )
+            if count >= n:
+                raise self._break(_loop_message(head, outer, n, i, nxt))
+            if nxt >= n:
+                bound = f"queue size {n}" if outer < 0 else f"table of {n}"
+                raise self._break(f"{_name(head, outer, i)} next={nxt} is out of range ({bound})")
             i = nxt
             count += 1
         self._in_flight += 1
         return Chain(head, readable, writable)
 
-    def _walk_indirect(
-        self,
-        head: int,
-        i: int,
-        addr: int,
-        length: int,
-        flags: int,
-        readable: list[memoryview],
-        writable: list[memoryview],
-    ) -> None:
-        """Append the buffers of the indirect table descriptor ``i`` points to."""
+    def _indirect_table(
+        self, head: int, i: int, addr: int, length: int, flags: int
+    ) -> tuple[memoryview, int]:
+        """The indirect table descriptor ``i`` points to, checked: (its view, descriptors)."""
         where = f"chain head={head}: descriptor {i}"
         if not self._indirect:
             raise self._break(
@@ -279,52 +293,13 @@ class DeviceQueue:
             raise self._break(
                 f"{where} indirect table of {n} descriptors is longer than {MAX_INDIRECT}"
             )
-        view = self._view
         try:
-            table = view(addr, length)
+            return self._view(addr, length), n
         except WindowError:
             raise self._break(
                 f"{where} indirect table addr=0x{addr:x} len={length} lies outside "
                 f"{self._window.name}"
             ) from None
-        unpack = DESC.unpack_from
-        j = 0
-        count = 1
-        while True:
-            a, ln, f, nxt = unpack(table, j << 4)
-            if f & _INDIRECT:
-                raise self._break(
-                    f"{where}: indirect descriptor {j} is itself INDIRECT (a table in a table)"
-                )
-            try:
-                buf = view(a, ln)
-            except WindowError:
-                raise self._break(
-                    f"{where}: indirect descriptor {j} addr=0x{a:x} len={ln} lies outside "
-                    f"{self._window.name}"
-                ) from None
-            if f & _WRITE:
-                writable.append(buf)
-            elif writable:
-                raise self._break(
-                    f"{where}: indirect descriptor {j} is device-readable after a "
-                    f"device-writable one (flags=0x{f:x})"
-                )
-            else:
-                readable.append(buf.toreadonly())
-            if not f & _NEXT:
-                return
-            if count >= n:
-                raise self._break(
-                    f"{where}: the chain in the indirect table is longer than its {n} "
-                    f"descriptors (indirect descriptor {j} next={nxt}: a loop)"
-                )
-            if nxt >= n:
-                raise self._break(
-                    f"{where}: indirect descriptor {j} next={nxt} is out of range (table of {n})"
-                )
-            j = nxt
-            count += 1
 
     # -- the used ring ------------------------------------------------------------------------
 

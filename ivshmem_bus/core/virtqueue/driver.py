@@ -28,8 +28,6 @@ from .device import MAX_INDIRECT
 from .layout import (
     DESC,
     DESC_SIZE,
-    IDX_OFF,
-    MAX_QUEUE_SIZE,
     RING_HEADER,
     U16,
     USED_ELEM,
@@ -40,6 +38,7 @@ from .layout import (
     VIRTQ_DESC_F_WRITE,
     VIRTQ_USED_F_NO_NOTIFY,
     VirtqLayout,
+    ring_views,
     vring_need_event,
 )
 
@@ -80,7 +79,7 @@ class DriverQueue:
         base_idx: int = 0,
     ) -> None:
         try:
-            layout.check(window, MAX_QUEUE_SIZE, queue=index)
+            rings = ring_views(window, layout, index)
         except VirtqueueError as exc:
             raise ValueError(str(exc)) from None
         self.index = index
@@ -94,16 +93,13 @@ class DriverQueue:
         self._mask = size - 1
         self._event_idx = event_idx
         self._indirect = indirect
-        desc_len, avail_len, used_len = layout.area_sizes(size)
-        self._desc = window.view(layout.desc_addr, desc_len)
-        self._avail = window.view(layout.avail_addr, avail_len)
-        self._used = window.view(layout.used_addr, used_len)
-        self._avail_flags_addr = layout.avail_addr
-        self._avail_idx_addr = layout.avail_addr + IDX_OFF
-        self._used_event_addr = layout.avail_addr + RING_HEADER + 2 * size
-        self._used_flags_addr = layout.used_addr
-        self._used_idx_addr = layout.used_addr + IDX_OFF
-        self._avail_event_addr = layout.used_addr + RING_HEADER + USED_ELEM_SIZE * size
+        self._desc, self._avail, self._used = rings.desc, rings.avail, rings.used
+        self._avail_flags_addr = rings.avail_flags
+        self._avail_idx_addr = rings.avail_idx
+        self._used_event_addr = rings.used_event
+        self._used_flags_addr = rings.used_flags
+        self._used_idx_addr = rings.used_idx
+        self._avail_event_addr = rings.avail_event
         base = base_idx & 0xFFFF
         for area in (self._desc, self._avail, self._used):
             area[:] = bytes(len(area))

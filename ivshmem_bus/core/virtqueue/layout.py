@@ -38,7 +38,9 @@ __all__ = [
     "VIRTQ_DESC_F_NEXT",
     "VIRTQ_DESC_F_WRITE",
     "VIRTQ_USED_F_NO_NOTIFY",
+    "RingViews",
     "VirtqLayout",
+    "ring_views",
     "vring_need_event",
 ]
 
@@ -170,3 +172,50 @@ class VirtqLayout:
                     f"({window.size} bytes at 0x{window.base:x}): the driver must place the "
                     f"queue inside the shared memory",
                 ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class RingViews:
+    """One checked queue's three areas as views of its window, and the driver addresses of the
+    six words both roles load and store (``window.load16`` / ``store16``, one access each).
+
+    Attributes:
+        desc, avail, used: the descriptor table, available ring and used ring (event words
+            included: 16N, 6 + 2N and 6 + 8N bytes).
+        avail_flags, avail_idx, used_event: avail ring flags @0, idx @2, used_event @4 + 2N.
+        used_flags, used_idx, avail_event: used ring flags @0, idx @2, avail_event @4 + 8N.
+    """
+
+    desc: memoryview
+    avail: memoryview
+    used: memoryview
+    avail_flags: int
+    avail_idx: int
+    used_event: int
+    used_flags: int
+    used_idx: int
+    avail_event: int
+
+
+def ring_views(window: MemoryWindow, layout: VirtqLayout, queue: int) -> RingViews:
+    """Check ``layout`` against ``window`` (``VirtqLayout.check``) and map its three areas:
+    what a ``DeviceQueue`` and a ``DriverQueue`` set up alike before their own state.
+
+    Raises:
+        VirtqueueError: the layout fails the check (``queue`` names the virtqueue).
+    """
+    layout.check(window, MAX_QUEUE_SIZE, queue=queue)
+    size = layout.size
+    desc_len, avail_len, used_len = layout.area_sizes(size)
+    avail, used = layout.avail_addr, layout.used_addr
+    return RingViews(
+        desc=window.view(layout.desc_addr, desc_len),
+        avail=window.view(avail, avail_len),
+        used=window.view(used, used_len),
+        avail_flags=avail + FLAGS_OFF,
+        avail_idx=avail + IDX_OFF,
+        used_event=avail + RING_HEADER + 2 * size,
+        used_flags=used + FLAGS_OFF,
+        used_idx=used + IDX_OFF,
+        avail_event=used + RING_HEADER + USED_ELEM_SIZE * size,
+    )
