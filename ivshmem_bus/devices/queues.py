@@ -25,6 +25,9 @@ from ..errors import VirtqueueError
 
 __all__ = ["ChainHandler", "Vqueue", "bind", "release", "run_batch"]
 
+CHUNK = 32  # chains popped at once (``DeviceQueue.pop_many``); the time budget still ends a
+# batch at the next chain: the chains popped and not handled are given back (``unpop``)
+
 ChainHandler = Callable[[Chain], int]
 """Consumes one chain; returns the bytes it wrote into the chain's writable buffers."""
 
@@ -81,13 +84,17 @@ def run_batch(
     vq: Vqueue,
     q: DeviceQueue,
     handler: ChainHandler,
-    ready: Callable[[], bool],
+    ready: Callable[[], bool] | None,
     chains: int,
     seconds: float,
 ) -> None:
     """Up to ``chains`` chains, stopping at the next chain once ``seconds`` passed or when
-    ``ready()`` turns False. An empty ring re-enables kicks (and looks once more, since a
-    chain may have slipped in before the flag); then the queue waits for EVENT_AVAIL.
+    ``ready()`` turns False (``None``: always ready). An empty ring re-enables kicks (and
+    looks once more, since a chain may have slipped in before the flag); then the queue
+    waits for EVENT_AVAIL.
+
+    The used elements are only written here; the caller publishes used.idx once for the
+    whole batch (one store, one EVENT_USED decision).
 
     Raises:
         VirtqueueError: the driver wrote something hostile (the queue is broken).
@@ -95,17 +102,36 @@ def run_batch(
     if vq.notify:  # busy: the driver need not kick until we ask again
         q.set_notify(False)
         vq.notify = False
-    deadline = time.monotonic() + seconds
-    for _ in range(chains):
-        if not ready():
+    clock = time.monotonic
+    deadline = clock() + seconds
+    left = chains
+    while left > 0:
+        if ready is not None and not ready():
             return
-        chain = q.pop()
-        if chain is None:
+        # A handler with back-pressure (``ready``) is asked before each chain: one at a time.
+        batch = q.pop_many(1 if ready is not None else min(left, CHUNK))
+        if not batch:
             vq.notify = True
             if not q.set_notify(True):  # True: chains slipped in before the flag
                 vq.kicked = False
                 return
+            left -= 1
             continue
-        q.push(chain.head, handler(chain))
-        if time.monotonic() >= deadline:
+        written: list[int] = []
+        late = False
+        try:
+            for chain in batch:
+                written.append(handler(chain))
+                if clock() >= deadline:
+                    late = True
+                    break
+        finally:
+            q.push_many(batch, written)
+            # The chains not handled go back to the ring (a handler that raised keeps its
+            # own chain popped, as with one pop per chain).
+            rest = len(batch) - len(written) - (0 if late or len(written) == len(batch) else 1)
+            if rest:
+                q.unpop(rest)
+        if late:
             return
+        left -= len(batch)

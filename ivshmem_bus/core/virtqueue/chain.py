@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Chain"]
 
 
-@dataclass(slots=True)
-class Chain:
+class Chain(NamedTuple):
     """One available descriptor chain, as the device sees it.
 
     Attributes:
@@ -19,6 +18,9 @@ class Chain:
     The views point into the shared window (zero-copy); they are valid until the chain is
     pushed back. The driver may change the bytes under them at any time: copy what must not
     change while it is parsed.
+
+    A named tuple rather than a dataclass: ``DeviceQueue.pop`` makes one per buffer, and a
+    tuple is built in C (``tuple.__new__``) where a dataclass runs a Python ``__init__``.
     """
 
     head: int

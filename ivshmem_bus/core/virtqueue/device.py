@@ -22,6 +22,8 @@ avail_event and re-reads avail.idx after a full fence before saying so.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ...errors import VirtqueueError, WindowError
 from ..window import BufferWindow, MemoryWindow
 from .chain import Chain
@@ -52,6 +54,7 @@ _NEXT = VIRTQ_DESC_F_NEXT
 _WRITE = VIRTQ_DESC_F_WRITE
 _INDIRECT = VIRTQ_DESC_F_INDIRECT
 _FIX = "the driver wrote a corrupt virtqueue; reset the device to recover"
+_chain = tuple.__new__  # Chain(head, readable, writable) built in C: one per buffer
 
 
 def _name(head: int, outer: int, i: int) -> str:
@@ -120,10 +123,19 @@ class DeviceQueue:
         # little-endian, as the window's own 16-bit accesses already assume).
         self._ring = self._avail[RING_HEADER : RING_HEADER + 2 * size].cast("H")
         self._elems = self._used[RING_HEADER : RING_HEADER + USED_ELEM_SIZE * size].cast("I")
+        # The descriptor table as u64 / u32 / u16 items for the direct path: descriptor i's
+        # addr is _desc_q[2i], len _desc_i[4i + 2], flags _desc_h[8i + 6]; three item reads
+        # instead of one struct call and its tuple (the fields are checked the same way).
+        self._desc_q = self._desc.cast("Q")
+        self._desc_i = self._desc.cast("I")
+        self._desc_h = self._desc.cast("H")
         # A plain BufferWindow (view() not overridden) is sliced here directly for a chain of
         # one descriptor: the same range check as BufferWindow.view, without the call.
         flat = isinstance(window, BufferWindow) and type(window).view is BufferWindow.view
         self._flat = window.buffer if isinstance(window, BufferWindow) and flat else None
+        # Its read-only twin: a readable buffer is one slice of it, not a slice then a
+        # ``toreadonly()`` (two view objects per chain).
+        self._flat_ro = self._flat.toreadonly() if self._flat is not None else None
         self._flat_base = window.base
         self._avail_flags_addr = rings.avail_flags
         self._avail_idx_addr = rings.avail_idx
@@ -208,22 +220,24 @@ class DeviceQueue:
             raise self._break(
                 f"avail ring entry {last} head={head} is out of range (queue size {size})"
             )
-        desc = self._desc
         flat = self._flat
         if flat is not None:  # the common chain, one direct buffer, without the general walk
-            addr, length, flags, _ = DESC.unpack_from(desc, head << 4)
+            flags = self._desc_h[(head << 3) + 6]
             if not flags & (_NEXT | _INDIRECT):
+                addr = self._desc_q[head << 1]
+                length = self._desc_i[(head << 2) + 2]
                 off = addr - self._flat_base
-                if off < 0 or off + length > len(flat):
+                end = off + length
+                if off < 0 or end > len(flat):
                     raise self._break(
                         f"chain head={head}: descriptor {head} addr=0x{addr:x} len={length} "
                         f"lies outside {self._window.name}"
                     )
                 self._in_flight += 1
-                buf = flat[off : off + length]
                 if flags & _WRITE:
-                    return Chain(head, [], [buf])
-                return Chain(head, [buf.toreadonly()], [])
+                    return _chain(Chain, (head, [], [flat[off:end]]))
+                return _chain(Chain, (head, [self._flat_ro[off:end]], []))  # type: ignore[index]
+        desc = self._desc
         # The walk, inline (the data path): one descriptor read, one checked view per step;
         # at most ``n`` steps in a table, each one counted before ``next`` is followed. An
         # INDIRECT descriptor in the descriptor table switches the walk to its table
@@ -273,6 +287,78 @@ class DeviceQueue:
         self._in_flight += 1
         return Chain(head, readable, writable)
 
+    def pop_many(self, limit: int) -> list[Chain]:
+        """Up to ``limit`` chains that are available now, in ring order; ``[]`` when none is.
+
+        The batch form of ``pop``, for a device that has kicks disabled while it works
+        (``set_notify(False)``): one avail.idx load and one acquire fence for the run, then
+        each head and each one-descriptor chain checked as ``pop`` checks it, without a call
+        per chain. Unlike ``pop``, an empty result never re-arms notification (the caller's
+        ``set_notify(True)`` does, and looks again). A chain the direct path does not take
+        (more descriptors, INDIRECT) or that is hostile ends the batch before it: it is the
+        next call's, which hands it to ``pop``, so the chains returned and the error raised
+        are those of as many ``pop`` calls. A window that is not a plain ``BufferWindow``
+        gets one ``pop`` per call.
+
+        Raises:
+            VirtqueueError: as ``pop`` (the queue is then broken).
+        """
+        if self.broken:
+            raise self._refuse_broken()
+        last = self._last_avail
+        seen = self._avail_seen
+        if last == seen:
+            seen = self._load_avail_idx()
+            if seen == last:
+                return []
+            self._fence()  # acquire: ring entries and descriptors after avail.idx
+        n = min(limit, (seen - last) & 0xFFFF)
+        flat = self._flat
+        ro = self._flat_ro
+        if flat is None or ro is None:  # every view through the window's own view(): one
+            chain = self.pop()  # pop at a time, so an error comes after the chains before it
+            return [] if chain is None else [chain]
+        ring, mask, size = self._ring, self._mask, self._size
+        desc_q, desc_i, desc_h = self._desc_q, self._desc_i, self._desc_h
+        base, limit_off = self._flat_base, len(flat)
+        out: list[Chain] = []
+        for k in range(n):
+            head = ring[(last + k) & mask]
+            if head >= size:
+                break
+            flags = desc_h[(head << 3) + 6]
+            if flags & (_NEXT | _INDIRECT):
+                break
+            off = desc_q[head << 1] - base
+            end = off + desc_i[(head << 2) + 2]
+            if off < 0 or end > limit_off:
+                break
+            if flags & _WRITE:
+                out.append(_chain(Chain, (head, [], [flat[off:end]])))
+            else:
+                out.append(_chain(Chain, (head, [ro[off:end]], [])))
+        if not out and n:
+            chain = self.pop()  # the general walk, or the error, of the first chain
+            return [] if chain is None else [chain]
+        self._last_avail = (last + len(out)) & 0xFFFF
+        self._in_flight += len(out)
+        return out
+
+    def unpop(self, n: int) -> None:
+        """Give the last ``n`` chains popped back to the ring, unused: the next pop returns
+        them again (read and checked afresh). For a batch cut short by a time budget; the
+        chains' views must not be used afterwards.
+
+        Raises:
+            ValueError: more chains than are popped and not pushed.
+        """
+        if not 0 <= n <= self._in_flight:
+            raise ValueError(
+                f"virtqueue {self.index}: cannot give back {n} chains, {self._in_flight} are popped"
+            )
+        self._last_avail = (self._last_avail - n) & 0xFFFF
+        self._in_flight -= n
+
     def _indirect_table(
         self, head: int, i: int, addr: int, length: int, flags: int
     ) -> tuple[memoryview, int]:
@@ -310,12 +396,8 @@ class DeviceQueue:
             ValueError: ``head`` out of range, ``written`` not a u32, or more pushes than pops
                 (the caller's bug, not the driver's).
         """
-        if self._in_flight <= 0:
-            raise ValueError(f"virtqueue {self.index}: push without a popped chain to return")
-        if not 0 <= head < self._size:
-            raise ValueError(f"virtqueue {self.index}: head {head} is out of range")
-        if not 0 <= written <= 0xFFFFFFFF:
-            raise ValueError(f"virtqueue {self.index}: written length {written} is not a u32")
+        if self._in_flight <= 0 or not 0 <= head < self._size or not 0 <= written <= 0xFFFFFFFF:
+            raise self._bad_push(head, written)  # one test on the data path, then which
         used = self._used_idx
         at = 2 * (used & self._mask)  # the element's id; its len follows (u32 each)
         elems = self._elems
@@ -323,6 +405,41 @@ class DeviceQueue:
         elems[at + 1] = written
         self._used_idx = (used + 1) & 0xFFFF
         self._in_flight -= 1
+
+    def push_many(self, chains: Sequence[Chain], written: Sequence[int]) -> None:
+        """``push(chains[k].head, written[k])`` for each of ``written``, in order, in one
+        loop: the first ``len(written)`` chains (the rest of ``chains`` is left alone).
+
+        Raises:
+            ValueError: as ``push``; the elements before the bad one are written.
+        """
+        n = len(written)
+        if n > len(chains):
+            raise ValueError(
+                f"virtqueue {self.index}: {n} written lengths for {len(chains)} chains"
+            )
+        used, mask, size, elems = self._used_idx, self._mask, self._size, self._elems
+        room = self._in_flight
+        for k in range(n):
+            head = chains[k][0]
+            w = written[k]
+            if k >= room or not 0 <= head < size or not 0 <= w <= 0xFFFFFFFF:
+                self._used_idx = used
+                self._in_flight = room - k
+                raise self._bad_push(head, w)
+            at = 2 * (used & mask)  # the element's id; its len follows (u32 each)
+            elems[at] = head
+            elems[at + 1] = w
+            used = (used + 1) & 0xFFFF
+        self._used_idx = used
+        self._in_flight = room - n
+
+    def _bad_push(self, head: int, written: int) -> ValueError:
+        if self._in_flight <= 0:
+            return ValueError(f"virtqueue {self.index}: push without a popped chain to return")
+        if not 0 <= head < self._size:
+            return ValueError(f"virtqueue {self.index}: head {head} is out of range")
+        return ValueError(f"virtqueue {self.index}: written length {written} is not a u32")
 
     def publish(self) -> bool:
         """Make the pushed elements visible (one store of used.idx); True: send EVENT_USED.
@@ -388,9 +505,12 @@ class DeviceQueue:
 
         The queue is unusable afterwards. Views handed out in chains are the caller's.
         """
-        for area in (self._ring, self._elems, self._desc, self._avail, self._used):
+        for area in (self._ring, self._elems, self._desc_q, self._desc_i, self._desc_h,
+                     self._desc, self._avail, self._used):  # fmt: skip
             area.release()
-        self._flat = None
+        if self._flat_ro is not None:
+            self._flat_ro.release()  # ours (the window's own view stays the window's)
+        self._flat = self._flat_ro = None
         self.broken = True
         self._error = self._error or "released"
 
