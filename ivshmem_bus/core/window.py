@@ -18,12 +18,13 @@ clamped. This module is sans-I/O: it wraps a buffer it is given and maps nothing
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from ..errors import WindowError
 
-__all__ = ["BufferWindow", "MemoryWindow"]
+__all__ = ["BufferWindow", "MemoryWindow", "load16_reader"]
 
 
 @runtime_checkable
@@ -70,6 +71,22 @@ def _no_fence() -> None:
     """x86 without the compiled helper: TSO orders load-load, store-store and load-store;
     CPython issues each access in its own C call. Only StoreLoad is not covered (see the
     virtqueue core's notification checks, which re-read after publishing)."""
+
+
+def load16_reader(window: MemoryWindow, addr: int) -> tuple[Callable[[], int], memoryview | None]:
+    """A no-argument reader of the 16-bit word at ``addr`` and the view it holds (``None``:
+    nothing to release). On a ``BufferWindow`` whose ``load16`` is not overridden, a bound
+    item read of ``word16(addr)`` (one C call a read); else ``window.load16`` itself, so a
+    window with its own accesses (an auditing one in the tests) still sees every load.
+    A misaligned or outside word is refused when it is read, as ``load16`` refuses it."""
+    if isinstance(window, BufferWindow) and type(window).load16 is BufferWindow.load16:
+        try:
+            word = window.word16(addr)
+        except WindowError:
+            pass  # refused by load16 at the first read, as before
+        else:
+            return functools.partial(word.__getitem__, 0), word
+    return functools.partial(window.load16, addr), None
 
 
 class BufferWindow:
@@ -147,6 +164,16 @@ class BufferWindow:
         if off & 1:
             raise WindowError(self._name, addr, 2, "are not 2-byte aligned")
         self._h[off >> 1] = value & 0xFFFF
+
+    def word16(self, addr: int) -> memoryview:
+        """A one-item ``"H"`` view of the aligned 16-bit word at ``addr``, checked as
+        ``load16`` checks it: reading or writing item 0 is the same single 16-bit access as
+        ``load16`` / ``store16``, without their Python call (for an index polled in a loop).
+        The caller releases it before the window is released."""
+        off = self.offset(addr, 2)
+        if off & 1:
+            raise WindowError(self._name, addr, 2, "are not 2-byte aligned")
+        return self._h[off >> 1 : (off >> 1) + 1]
 
     def release(self) -> None:
         """Drop the views (before the owner closes its mmap). Idempotent."""

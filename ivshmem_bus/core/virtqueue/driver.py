@@ -23,14 +23,12 @@ import struct
 from collections.abc import Sequence
 
 from ...errors import QueueFull, VirtqueueError
-from ..window import MemoryWindow
+from ..window import MemoryWindow, load16_reader
 from .device import MAX_INDIRECT
 from .layout import (
     DESC,
     DESC_SIZE,
     RING_HEADER,
-    U16,
-    USED_ELEM,
     USED_ELEM_SIZE,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
@@ -94,12 +92,19 @@ class DriverQueue:
         self._event_idx = event_idx
         self._indirect = indirect
         self._desc, self._avail, self._used = rings.desc, rings.avail, rings.used
+        # The available ring's entries and the used ring's elements as u16 / u32 items
+        # (native order: the project's hosts are little-endian, as the window's own 16-bit
+        # accesses already assume): one item access each instead of a struct call.
+        self._ring = self._avail[RING_HEADER : RING_HEADER + 2 * size].cast("H")
+        self._elems = self._used[RING_HEADER : RING_HEADER + USED_ELEM_SIZE * size].cast("I")
         self._avail_flags_addr = rings.avail_flags
         self._avail_idx_addr = rings.avail_idx
         self._used_event_addr = rings.used_event
         self._used_flags_addr = rings.used_flags
         self._used_idx_addr = rings.used_idx
         self._avail_event_addr = rings.avail_event
+        # used.idx is polled by every reap: read through one held 16-bit view when it can be
+        self._load_used_idx, self._used_idx_word = load16_reader(window, self._used_idx_addr)
         base = base_idx & 0xFFFF
         for area in (self._desc, self._avail, self._used):
             area[:] = bytes(len(area))
@@ -201,6 +206,52 @@ class DriverQueue:
                 raise self._bad_buffer(addr, length) from None
         return self._expose(head, ids, wlen, token)
 
+    def add_buffers(
+        self, buffers: Sequence[tuple[int, int]], tokens: Sequence[object], *, writable: bool
+    ) -> None:
+        """One single-buffer chain per (driver address, length) of ``buffers``, all readable
+        or all ``writable``, with ``tokens[k]`` for ``buffers[k]``; visible after
+        ``publish``. The batch form of ``add`` (one call and one free-list check for the
+        run, not one per buffer): what a driver streaming equal buffers refills with.
+
+        Raises:
+            QueueFull: fewer free descriptors than buffers; nothing was changed.
+            ValueError: ``tokens`` is not as long as ``buffers``; an address or length that
+                does not fit its field (the buffers before it are added).
+            VirtqueueError: the queue is broken.
+        """
+        if self.broken:
+            raise self._refuse_broken()
+        n = len(buffers)
+        if len(tokens) != n:
+            raise ValueError(
+                f"virtqueue {self.index}: {len(tokens)} tokens for {n} buffers (one each)"
+            )
+        free = self._free
+        if len(free) < n:
+            raise QueueFull(self.index, n, len(free))
+        pack, desc, ring = DESC.pack_into, self._desc, self._ring
+        chains, wlens, toks = self._chains, self._wlen, self._tokens
+        flags = _WRITE if writable else 0
+        idx, mask = self._avail_idx, self._mask
+        k = 0
+        try:
+            for k in range(n):
+                addr, length = buffers[k]
+                head = free[-1]
+                pack(desc, head << 4, addr, length, flags, 0)
+                free.pop()
+                chains[head] = [head]
+                wlens[head] = length if writable else 0
+                toks[head] = tokens[k]
+                ring[(idx + k) & mask] = head
+            k = n
+        except struct.error:
+            raise self._bad_buffer(addr, length) from None
+        finally:
+            self._in_flight += k
+            self._avail_idx = (idx + k) & 0xFFFF
+
     def _add_indirect(
         self,
         readable: Sequence[tuple[int, int]],
@@ -251,7 +302,7 @@ class DriverQueue:
         self._tokens[head] = token
         self._in_flight += 1
         idx = self._avail_idx
-        U16.pack_into(self._avail, RING_HEADER + 2 * (idx & self._mask), head)
+        self._ring[idx & self._mask] = head
         self._avail_idx = (idx + 1) & 0xFFFF
         return head
 
@@ -310,7 +361,7 @@ class DriverQueue:
         window = self._window
         while True:
             last = self._last_used
-            idx = window.load16(self._used_idx_addr)
+            idx = self._load_used_idx()
             n = (idx - last) & 0xFFFF
             if n == 0:
                 if not (self._interrupts and self._event_idx) or self._used_event == last:
@@ -330,16 +381,19 @@ class DriverQueue:
             self._last_used = idx
 
     def _take(self, last: int, n: int, out: list[tuple[object, int]]) -> None:
-        used = self._used
+        elems = self._elems
         mask = self._mask
         size = self._size
         chains = self._chains
         tokens = self._tokens
+        wlens = self._wlen
         free = self._free
-        unpack = USED_ELEM.unpack_from
+        append = out.append
         for k in range(n):
             at = (last + k) & 0xFFFF
-            head, length = unpack(used, RING_HEADER + USED_ELEM_SIZE * (at & mask))
+            slot = 2 * (at & mask)
+            head = elems[slot]
+            length = elems[slot + 1]
             if head >= size:
                 raise self._break(
                     f"used ring entry {at}: id={head} is out of range (queue size {size})"
@@ -347,14 +401,14 @@ class DriverQueue:
             ids = chains[head]
             if ids is None:
                 raise self._break(f"used ring entry {at}: id={head} is not a chain in flight")
-            if length > self._wlen[head]:
+            if length > wlens[head]:
                 raise self._break(
                     f"used ring entry {at}: id={head} len={length} exceeds the chain's "
-                    f"{self._wlen[head]} writable bytes"
+                    f"{wlens[head]} writable bytes"
                 )
             chains[head] = None
             free.extend(ids)
-            out.append((tokens[head], length))
+            append((tokens[head], length))
             tokens[head] = None
             self._in_flight -= 1
 
@@ -401,8 +455,10 @@ class DriverQueue:
 
         The queue is unusable afterwards.
         """
-        for area in (self._desc, self._avail, self._used):
+        for area in (self._ring, self._elems, self._desc, self._avail, self._used):
             area.release()
+        if self._used_idx_word is not None:
+            self._used_idx_word.release()
         self.broken = True
         self._error = self._error or "released"
 
