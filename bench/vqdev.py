@@ -218,10 +218,10 @@ def stream(
     out = Stream()
     q = dvq.queue
     bus = driver.bus
-    add, publish, reap = q.add, q.publish, q.reap
+    add_buffers, publish, reap = q.add_buffers, q.publish, q.reap
     sink = dvq.index == SINK
-    descs = [((addr, size),) for addr in dvq.addrs]
-    free = list(range(len(descs)))
+    bufs = [(addr, size) for addr in dvq.addrs]
+    free = list(range(len(bufs)))
     views = [dvq.view(b, size) for b in free] if verify else []
     kick = p.EventAvail(index=dvq.index, next_offset_wrap=0)
     status = p.GetDeviceStatus()
@@ -235,15 +235,13 @@ def stream(
     while done < count:
         if free and posted < count:
             n = min(len(free), count - posted)
-            for _ in range(n):
-                b = free.pop()
-                if sink:
-                    if verify:
-                        views[b][:] = stamp(posted, size)
-                    add(descs[b], (), b)
-                else:
-                    add((), descs[b], b)
-                posted += 1
+            batch = free[-n:]
+            del free[-n:]
+            if sink and verify:
+                for k, b in enumerate(batch):
+                    views[b][:] = stamp(posted + k, size)
+            add_buffers([bufs[b] for b in batch], batch, writable=not sink)
+            posted += n
             if publish():
                 bus.send(kick)
                 out.kicks += 1
