@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-QEMU_DEADLINE = 1e-3  # seconds: QEMU's ~1024 polls of the response queue
+QEMU_DEADLINE = 1e-3  # seconds: QEMU's ~1024 polls of the response queue, "about 1 ms"
 ROOT = Path(__file__).resolve().parent.parent
 
 
