@@ -55,11 +55,7 @@ def ping(
     for seq in range(1, count + 1):
         if stop.is_set():
             break
-        msg = (
-            protocol.BusPing(data=seq)
-            if bus.profile == "spec-v1"
-            else protocol.GetDeviceStatus()
-        )
+        msg = protocol.BusPing(data=seq) if bus.profile == "spec-v1" else protocol.GetDeviceStatus()
         result.sent += 1
         t0 = time.perf_counter()
         try:

@@ -24,7 +24,7 @@ README = ROOT / "README.md"
 
 # docs/wire-format.md §4.1: GetFeatures(index=0, num=2) in qemu-v0, msg_size 14, 44 bytes:
 # type 00, msg_id 03, dev_num 0000, msg_size 0e00 | index 00000000, num 02000000 | 30 zeros.
-GET_FEATURES_0_2 = "00" "03" "0000" "0e00" "00000000" "02000000" + "00" * 30
+GET_FEATURES_0_2 = "00" "03" "0000" "0e00" "00000000" "02000000" + "00" * 30  # fmt: skip
 
 
 def _python_blocks() -> list[str]:

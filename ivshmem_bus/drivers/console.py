@@ -58,7 +58,9 @@ class ConsoleDriver:
         self.driver = driver
         alloc = allocator or allocator_for(window)
         self.features = driver.negotiate(
-            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM | 1 << VIRTIO_CONSOLE_F_SIZE
+            VIRTIO_F_VERSION_1
+            | VIRTIO_F_ACCESS_PLATFORM
+            | 1 << VIRTIO_CONSOLE_F_SIZE
             | event_idx << VIRTIO_F_EVENT_IDX
         )
         eidx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
