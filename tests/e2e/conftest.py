@@ -17,15 +17,17 @@ scenarios (a session fixture); the timings are printed at the end and written to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tools.qemu_e2e.assets import CACHE, AssetsMissing, find_assets
-from tools.qemu_e2e.machine import Cluster
+from tools.qemu_e2e.machine import IVSHMEM_BDF, PEER_RAM_BDF, Cluster
 
 TIMINGS: dict[str, dict[str, float | str]] = {}
 
@@ -106,6 +108,31 @@ def cluster(request: pytest.FixtureRequest):
         yield c
         t1 = time.monotonic()
     rec["poweroff_s"] = round(time.monotonic() - t1, 2)
+
+
+@contextlib.contextmanager
+def peer_ram_cluster(key: str) -> Iterator[Cluster]:
+    """A vIOMMU pair whose guest b's RAM is a shared file (``peer_ram=True``), both
+    functions of each guest bound to vfio-pci; its timings under ``key``. Skipped when the
+    modes asked for have no viommu. Each file that needs one boots its own: a device side
+    that keeps the queues (linux-v0) must not find an earlier test's messages in them."""
+    if "viommu" not in modes():
+        pytest.skip("the peer-RAM guests run in vIOMMU mode: IVSHMEM_E2E_MODES has no viommu")
+    assets = _assets()
+    t0 = time.monotonic()
+    with Cluster("viommu", ("a", "b"), assets=assets, peer_ram=True) as c:
+        rec = TIMINGS.setdefault(key, {})
+        rec["accel"] = assets.accel
+        rec["cluster_start_s"] = round(time.monotonic() - t0, 2)
+        t1 = time.monotonic()
+        bind = (  # both functions in one interpreter: a Python start costs seconds under TCG
+            '"$PY" -c "from ivshmem_bus.backends.vfio import pci; '
+            f"[print(pci.bind(b)) for b in ('{IVSHMEM_BDF}', '{PEER_RAM_BDF}')]\""
+        )
+        for res in c.run_all(dict.fromkeys(c.guests, bind), 120).values():
+            res.check()
+        rec["bind_s"] = round(time.monotonic() - t1, 2)
+        yield c
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ import time
 import pytest
 
 from tests.e2e import guest_tool
-from tests.e2e.conftest import TIMINGS, _assets, modes
+from tests.e2e.conftest import TIMINGS, peer_ram_cluster
 from tests.e2e.test_qemu import BDF, CLI, TOOL, run_json, spawned
 from tools.qemu_e2e.machine import PEER_RAM_BDF, PEER_RAM_REGION, Cluster
 
@@ -50,22 +50,7 @@ RUN_S = 6.5  # the bus kept up this long after GET_DEVICES: >= 5 PINGs (at ~1.05
 
 @pytest.fixture(scope="module")
 def linux_cluster():
-    if "viommu" not in modes():
-        pytest.skip("the peer-RAM guests run in vIOMMU mode: IVSHMEM_E2E_MODES has no viommu")
-    assets = _assets()
-    t0 = time.monotonic()
-    with Cluster("viommu", ("a", "b"), assets=assets, peer_ram=True) as c:
-        rec = TIMINGS.setdefault(MODE, {})
-        rec["accel"] = assets.accel
-        rec["cluster_start_s"] = round(time.monotonic() - t0, 2)
-        t1 = time.monotonic()
-        bind = (  # both functions in one interpreter: a Python start costs seconds under TCG
-            '"$PY" -c "from ivshmem_bus.backends.vfio import pci; '
-            f"[print(pci.bind(b)) for b in ('{BDF}', '{PEER_RAM_BDF}')]\""
-        )
-        for res in c.run_all(dict.fromkeys(c.guests, bind), 120).values():
-            res.check()
-        rec["bind_s"] = round(time.monotonic() - t1, 2)
+    with peer_ram_cluster(MODE) as c:
         yield c
 
 
