@@ -400,7 +400,10 @@ class IvshmemServer:
                 os.ftruncate(self._shm_fd, self._size)
         except OSError as exc:
             where = path or "memfd"
-            msg = f"shared memory {where}: cannot create it: {exc.strerror}"
+            # an existing file (or directory) failed to open read-write; a new one to be made
+            exists = path is not None and os.path.exists(path)
+            what = "open it read-write" if exists else "create it"
+            msg = f"shared memory {where}: cannot {what}: {exc.strerror}"
             raise ServerError(msg, path=where, errno=exc.errno) from exc
         if not stat.S_ISREG(st.st_mode):
             raise ServerError(f"shared memory {path} is not a regular file", path=path)

@@ -169,13 +169,17 @@ def test_sockets_that_are_not_ivshmem_servers(tmp_path):
 
 
 def test_server_file_and_directory_errors(tmp_path):
-    out = run("server", "-S", str(tmp_path / "m.sock"), "-m", "/etc/passwd")
+    odd = tmp_path / "odd"  # the user's own file (a system file is writable only by root)
+    odd.write_bytes(bytes(1221))
+    out = run("server", "-S", str(tmp_path / "m.sock"), "-m", str(odd))
     assert out.returncode == 1
-    size = os.path.getsize("/etc/passwd")
     assert one_error(out) == (
-        f"shared memory /etc/passwd is {size} bytes, not 4194304: its size is not a power of "
+        f"shared memory {odd} is 1221 bytes, not 4194304: its size is not a power of "
         f"two, or choose another file"
     )
+    out = run("server", "-S", str(tmp_path / "m.sock"), "-m", str(tmp_path))
+    assert out.returncode == 1  # a directory cannot be opened read-write, by root either
+    assert one_error(out) == f"shared memory {tmp_path}: cannot open it read-write: Is a directory"
     out = run("server", "-S", str(tmp_path))
     assert out.returncode == 1
     assert one_error(out) == (
