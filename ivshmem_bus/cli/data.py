@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..backends.base import IvshmemDevice
 from ..devices import ConsoleDevice, RngDevice, VirtioMsgDevice
 from ..devices.hostio import FdIO, HostIO, PtyIO, SocketIO
+from .args import mem_offset_arg
 
 if TYPE_CHECKING:
     from ..drivers import VirtioMsgDriver
@@ -36,16 +37,6 @@ def _bytes_arg(text: str) -> int:
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (e.g. 4096, 64K, 1M)")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
-
-
-def _offset_arg(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an address (e.g. 0x40000000)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative: --mem-offset is an address")
-    return value
 
 
 DEVICE_TYPES = ("rng", "console")
@@ -84,7 +75,7 @@ def add_serve_args(serve: argparse.ArgumentParser) -> None:
         "message queues, default), the BDF of an ivshmem-plain function, or a file",
     )  # fmt: skip
     serve.add_argument(
-        "--mem-offset", type=_offset_arg, default=None, metavar="N",
+        "--mem-offset", type=mem_offset_arg, default=None, metavar="N",
         help="the driver address of the window's first byte (BDF or file windows; default "
         "0x40000000 with --linux-user, else 0)",
     )  # fmt: skip
